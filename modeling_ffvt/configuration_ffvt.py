@@ -1,0 +1,145 @@
+"""FFVT model configuration."""
+
+from transformers import ViTConfig
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class FFVTConfig(ViTConfig):
+    r"""
+    Configuration of an FFVT model (Feature Fusion Vision Transformer, Wang, Yu and Gao, BMVC 2021).
+
+    FFVT is a ViT whose last layer, the *fusion layer*, does not see the whole sequence: after each of the other layers,
+    mutual attention weight selection (MAWS) picks the `num_token` most discriminative tokens of that layer's output,
+    and the fusion layer attends over the CLS token and all these picks. The defaults give the paper's ViT-B/16 at
+    448 px with the original code's LayerNorm epsilon and dropout placement.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to 768):
+            Width of the token embeddings and of every layer.
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of transformer layers, the fusion layer included when `feature_fusion` is on.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Number of attention heads in every layer; must divide `hidden_size`.
+        intermediate_size (`int`, *optional*, defaults to 3072):
+            Width of the hidden layer of each MLP.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the MLPs (`"gelu"` is the exact, erf-based GELU the original uses).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Dropout on the embeddings and, inside each MLP, after the activation and after the second linear layer
+            (where the original puts it; Hugging Face ViT puts its dropouts elsewhere).
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities and after the attention's output projection.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal that initialises the CLS token and the position embeddings of
+            a model built from scratch.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of every LayerNorm. The original uses 1e-6; Hub ViT configurations say 1e-12.
+        image_size (`int` or `tuple[int, int]`, *optional*, defaults to 448):
+            Input resolution the position embeddings are made for.
+        patch_size (`int` or `tuple[int, int]`, *optional*, defaults to 16):
+            Side of the square (or (height, width)) patches; must divide `image_size`.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input channels.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query, key and value projections have a bias.
+        num_token (`int`, *optional*, defaults to 12):
+            Number of tokens MAWS keeps from each layer before the fusion layer (12 in the paper, 24 for Stanford
+            Dogs). The fusion layer sees `1 + (num_hidden_layers - 1) * num_token` tokens.
+        feature_fusion (`bool`, *optional*, defaults to `True`):
+            Whether the last layer is the fusion layer. `False` gives the plain ViT baseline of the paper's ablation.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing of the training loss, as in `torch.nn.CrossEntropyLoss(label_smoothing=...)`.
+        kwargs:
+            Remaining arguments of [`ViTConfig`] and [`PreTrainedConfig`] (`num_labels`, `id2label`, ...).
+
+    Example:
+
+    ```python
+    >>> from modeling_ffvt import FFVTConfig, FFVTForImageClassification
+
+    >>> config = FFVTConfig(num_labels=200)  # ViT-B/16 FFVT at 448 px for CUB-200-2011
+    >>> model = FFVTForImageClassification(config)
+    ```"""
+
+    model_type = "ffvt"
+
+    # Annotated so that transformers versions whose configs are dataclasses (>= 5.4) treat them as fields and
+    # serialise them; older versions read them as plain class attributes.
+    num_token: int = 12
+    feature_fusion: bool = True
+    label_smoothing: float | int = 0.0
+    image_size: int | list[int] | tuple[int, int] = 448
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float | int = 0.1
+    attention_probs_dropout_prob: float | int = 0.0
+
+    def __init__(
+        self,
+        num_token: int = 12,
+        feature_fusion: bool = True,
+        label_smoothing: float = 0.0,
+        image_size: int | tuple[int, int] = 448,
+        layer_norm_eps: float = 1e-6,
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.0,
+        **kwargs,
+    ):
+        self.num_token = num_token
+        self.feature_fusion = feature_fusion
+        self.label_smoothing = label_smoothing
+        super().__init__(
+            image_size=image_size,
+            layer_norm_eps=layer_norm_eps,
+            hidden_dropout_prob=hidden_dropout_prob,
+            attention_probs_dropout_prob=attention_probs_dropout_prob,
+            **kwargs,
+        )
+        self._check_sizes()
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Number of patches along the height and the width at `image_size`."""
+        (height, width), (patch_height, patch_width) = _pair(self.image_size), _pair(self.patch_size)
+        return height // patch_height, width // patch_width
+
+    @property
+    def fusion_sequence_length(self) -> int:
+        """Length of the fusion layer's input: the CLS token and `num_token` picks of each earlier layer."""
+        return 1 + (self.num_hidden_layers - 1) * self.num_token
+
+    def _check_sizes(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}): change one of them."
+            )
+        image_size, patch_size = _pair(self.image_size), _pair(self.patch_size)
+        if any(side % patch for side, patch in zip(image_size, patch_size)) or min(image_size) < min(patch_size):
+            raise ValueError(
+                f"image_size {image_size} must be a positive multiple of patch_size {patch_size}: "
+                f"use an image size of {patch_size[0]} x k."
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
+        if not self.feature_fusion:
+            return
+        if self.num_hidden_layers < 2:
+            raise ValueError(
+                f"feature_fusion needs at least 2 layers (one to select tokens from and the fusion layer), got "
+                f"num_hidden_layers={self.num_hidden_layers}: add layers or set feature_fusion=False."
+            )
+        num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
+        if not 1 <= self.num_token <= num_tokens:
+            raise ValueError(
+                f"num_token={self.num_token} must lie between 1 and the {num_tokens} tokens a layer has at "
+                f"image_size {image_size} with patch_size {patch_size}: lower num_token or raise image_size."
+            )
+
+
+__all__ = ["FFVTConfig"]

@@ -1,0 +1,616 @@
+"""PyTorch FFVT: Feature Fusion Vision Transformer for fine-grained visual categorization (Wang, Yu, Gao, BMVC 2021).
+
+The parts FFVT shares with ViT carry the parameter names Hub ViT checkpoints are stored with
+(`vit.encoder.layer.N.attention.attention.query`, ...), so those checkpoints map onto FFVT as they are. The layers are
+defined here rather than borrowed from transformers' ViT, whose internals change between releases.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from safetensors.torch import load_file
+from transformers import ViTConfig, ViTPreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, cached_file
+
+from .configuration_ffvt import FFVTConfig, _pair
+
+
+@dataclass
+class FFVTModelOutput(ModelOutput):
+    r"""
+    Output of [`FFVTModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Output of the last layer after the final LayerNorm. With feature fusion, the sequence is the fusion
+            layer's: the CLS token then `num_token` picks of each earlier layer, `1 + (num_hidden_layers - 1) *
+            num_token` tokens.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The embeddings, then the output of every layer (before the final LayerNorm). With feature fusion the last
+            entry is the fusion layer's output and is shorter than the others.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Attention probabilities of every layer, the fusion layer's last, each `(batch_size, num_heads,
+            sequence_length, sequence_length)`. They are computed even under sdpa or flash attention.
+        selected_token_indices (`tuple(torch.LongTensor)`):
+            With feature fusion, one `(batch_size, num_token)` tensor per layer before the fusion layer: the indices,
+            into that layer's sequence (0 is the CLS token), of the tokens MAWS picked, best first. Empty without
+            feature fusion.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    selected_token_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+@dataclass
+class FFVTImageClassifierOutput(ModelOutput):
+    r"""
+    Output of [`FFVTForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            Cross-entropy with the configuration's `label_smoothing`.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Classification scores before the softmax, computed from the CLS token.
+        hidden_states, attentions, selected_token_indices:
+            As in [`FFVTModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    selected_token_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+class FFVTPatchEmbeddings(nn.Module):
+    """Cuts the image into non-overlapping patches and projects each to `hidden_size` with one strided convolution."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        patch_size = _pair(config.patch_size)
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class FFVTEmbeddings(nn.Module):
+    """CLS token followed by the patch embeddings, plus position embeddings."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.config = config
+        self.grid_size = config.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = FFVTPatchEmbeddings(config)
+        num_positions = 1 + self.grid_size[0] * self.grid_size[1]
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Position embeddings for a `grid_height` x `grid_width` patch grid, resized bicubically as ViT does."""
+        if (grid_height, grid_width) == self.grid_size:
+            return self.position_embeddings
+        cls_position, grid = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        grid = grid.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(
+            grid.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(grid.dtype)
+        return torch.cat([cls_position, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch_size, {self.config.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}: convert images to {self.config.num_channels} channels (RGB) first."
+            )
+        height, width = pixel_values.shape[-2:]
+        patch_height, patch_width = _pair(self.config.patch_size)
+        if interpolate_pos_encoding:
+            positions = self.interpolate_pos_encoding(height // patch_height, width // patch_width)
+        elif (height, width) != _pair(self.config.image_size):
+            raise ValueError(
+                f"Input image size ({height}x{width}) does not match the model's image_size "
+                f"{_pair(self.config.image_size)}: resize the images (the model's image processor does) or pass "
+                "interpolate_pos_encoding=True."
+            )
+        else:
+            positions = self.position_embeddings
+        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
+        cls_tokens = self.cls_token.expand(patches.shape[0], -1, -1)
+        return self.dropout(torch.cat([cls_tokens, patches], dim=1) + positions)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; returns the output as (batch, tokens, heads, head_dim) and the probabilities."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(nn.functional.dropout(probabilities, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), probabilities
+
+
+def mutual_attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """
+    MAWS score of every token, shape (batch, tokens), from queries and keys of shape (batch, heads, tokens, head_dim).
+
+    The score is the product of two head-averaged quantities: how much the CLS query attends to the token (softmax
+    over keys of the CLS row), and the token's share of all queries' attention to the CLS key (softmax over queries of
+    the CLS column). Only that row and that column of the attention logits are computed: O(tokens x head_dim) work.
+    """
+    cls_row = torch.matmul(query[:, :, :1], key.transpose(-1, -2)).squeeze(2) * scaling
+    cls_column = torch.matmul(query, key[:, :, :1].transpose(-1, -2)).squeeze(3) * scaling
+    cls_attends_to_token = cls_row.float().softmax(dim=-1).mean(dim=1)
+    token_attends_to_cls = cls_column.float().softmax(dim=-1).mean(dim=1)
+    return cls_attends_to_token * token_attends_to_cls
+
+
+class FFVTSelfAttention(nn.Module):
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # transformers' sdpa function reads this and would otherwise mask causally
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def attention_function(self, output_attentions: bool):
+        if output_attentions or self.config._attn_implementation in (None, "eager"):
+            return eager_attention_forward
+        # transformers decides whether a model may switch implementations by reading its source: 5.0 looks for the
+        # indexing form, later releases for get_interface, so both stay spelled out.
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, score_tokens: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        heads_shape = (batch_size, num_tokens, self.num_heads, self.head_dim)
+        query = self.query(hidden_states).view(heads_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(heads_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(heads_shape).transpose(1, 2)
+
+        output, probabilities = self.attention_function(output_attentions)(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.dropout_prob if self.training else 0.0,
+        )
+        # MAWS only ranks tokens, so its scores need no gradient.
+        scores = mutual_attention_scores(query.detach(), key.detach(), self.scaling) if score_tokens else None
+        probabilities = probabilities if output_attentions else None
+        return output.reshape(batch_size, num_tokens, hidden_size), probabilities, scores
+
+
+class FFVTSelfOutput(nn.Module):
+    """Output projection of the attention; its dropout uses the attention dropout rate, as in the original."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class FFVTAttention(nn.Module):
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.attention = FFVTSelfAttention(config)
+        self.output = FFVTSelfOutput(config)
+
+    def forward(self, hidden_states, output_attentions=False, score_tokens=False):
+        output, probabilities, scores = self.attention(hidden_states, output_attentions, score_tokens)
+        return self.output(output), probabilities, scores
+
+
+class FFVTMlpLinear(nn.Linear):
+    """A linear layer of the MLP, which the original initialises differently from the attention's."""
+
+
+class FFVTIntermediate(nn.Module):
+    """First half of the MLP: linear, activation, dropout."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.dense(hidden_states)))
+
+
+class FFVTOutput(nn.Module):
+    """Second half of the MLP: linear, dropout."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.dense = FFVTMlpLinear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class FFVTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: `x + Attention(LN(x))`, then `x + MLP(LN(x))`."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = FFVTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = FFVTIntermediate(config)
+        self.output = FFVTOutput(config)
+
+    def forward(self, hidden_states, output_attentions=False, score_tokens=False):
+        attended, probabilities, scores = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, score_tokens
+        )
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        return hidden_states, probabilities, scores
+
+
+class FFVTEncoder(nn.Module):
+    """
+    The transformer layers. With feature fusion, MAWS picks `num_token` tokens from the output of each layer but the
+    last, and the last layer (the fusion layer) runs on the CLS token followed by all the picks.
+    """
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.num_token = config.num_token
+        num_plain_layers = config.num_hidden_layers - 1 if config.feature_fusion else config.num_hidden_layers
+        self.layer = nn.ModuleList(FFVTLayer(config) for _ in range(num_plain_layers))
+        self.fusion_layer = FFVTLayer(config) if config.feature_fusion else None
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        fusing = self.fusion_layer is not None
+        if fusing and self.num_token > hidden_states.shape[1]:
+            raise ValueError(
+                f"num_token={self.num_token} is more than the {hidden_states.shape[1]} tokens of a layer at this image "
+                "size: use larger images or a model with a smaller num_token."
+            )
+        selected_token_indices, selected_tokens = [], []
+        for layer in self.layer:
+            hidden_states, probabilities, scores = layer(hidden_states, output_attentions, fusing)
+            if fusing:
+                indices = scores.topk(self.num_token, dim=-1).indices
+                selected_token_indices.append(indices)
+                gather_index = indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+                selected_tokens.append(hidden_states.gather(1, gather_index))
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probabilities,)
+
+        if fusing:
+            fusion_input = torch.cat([hidden_states[:, :1], *selected_tokens], dim=1)
+            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probabilities,)
+        return hidden_states, all_hidden_states, all_attentions, tuple(selected_token_indices)
+
+
+# What save_pretrained writes into config.json, so that every Auto class finds the code shipped beside the weights.
+_AUTO_MAP = {
+    "AutoConfig": "configuration_ffvt.FFVTConfig",
+    "AutoModel": "modeling_ffvt.FFVTModel",
+    "AutoModelForImageClassification": "modeling_ffvt.FFVTForImageClassification",
+}
+
+
+class FFVTPreTrainedModel(ViTPreTrainedModel):
+    config: FFVTConfig
+    config_class = FFVTConfig
+    _no_split_modules = ["FFVTEmbeddings", "FFVTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = True
+    _can_record_outputs = {}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """
+        The original's initialisation: PyTorch's defaults for the patch projection and the attention, xavier-uniform
+        weights and N(0, 1e-6) biases in the MLPs, unit LayerNorms and a zero classifier. A model started from a
+        backbone therefore gets the fusion layer, its LayerNorm and the head the original would give it. The CLS token
+        and position embeddings, zeros in the original but always loaded there, get ViT's truncated normal.
+        """
+        # transformers skips modules that own no parameters themselves, so each rule names the owning module.
+        if isinstance(module, FFVTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
+            init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
+        elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, FFVTMlpLinear):
+            init.xavier_uniform_(module.weight)
+            init.normal_(module.bias, std=1e-6)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records only the saved class in auto_map; add the others so that AutoModel loads it too.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class FFVTModel(FFVTPreTrainedModel):
+    """FFVT without a head: embeddings, the encoder with MAWS and the fusion layer, and the final LayerNorm."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__(config)
+        self.embeddings = FFVTEmbeddings(config)
+        self.encoder = FFVTEncoder(config)
+        # Named apart from ViT's `layernorm` so that a ViT checkpoint's final norm, which the original never loads
+        # with fusion on, stays freshly initialised.
+        final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.feature_fusion:
+            self.fusion_layernorm = final_norm
+        else:
+            self.layernorm = final_norm
+        self.post_init()
+
+    def get_input_embeddings(self) -> FFVTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FFVTModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images as the model's image processor prepares them.
+            output_attentions (`bool`, *optional*):
+                Return every layer's attention probabilities (computed even under sdpa or flash attention).
+            output_hidden_states (`bool`, *optional*):
+                Return the embeddings and every layer's output.
+            interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+                Resize the position embeddings to the input's patch grid instead of requiring `config.image_size`.
+            return_dict (`bool`, *optional*):
+                Return an [`FFVTModelOutput`] rather than a tuple.
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: pass a (batch_size, channels, height, width) tensor.")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
+        hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
+            embeddings, output_attentions, output_hidden_states
+        )
+        final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
+        output = FFVTModelOutput(
+            last_hidden_state=final_norm(hidden_states),
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            selected_token_indices=selected,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """
+    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g patch grid to `grid_size` as the original does
+    when it starts from a checkpoint trained at another resolution: the CLS entry is kept and the grid is resized by
+    linear interpolation with corners aligned (what `scipy.ndimage.zoom(order=1)` computes).
+    """
+    cls_position, grid = position_embeddings[:, :1], position_embeddings[:, 1:]
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+        raise ValueError(f"Expected position embeddings of a square patch grid, got {grid.shape[1]} patch positions.")
+    if (side, side) == tuple(grid_size):
+        return position_embeddings
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).double()
+    grid = nn.functional.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=True)
+    grid = grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)
+    return torch.cat([cls_position, grid], dim=1)
+
+
+def read_checkpoint(pretrained_model_name_or_path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """The state dict of a Hub id or local folder, from `model.safetensors` or else `pytorch_model.bin`."""
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = cached_file(
+            pretrained_model_name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if path is not None:
+            if filename.endswith(".safetensors"):
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise OSError(
+        f"{pretrained_model_name_or_path} holds neither model.safetensors nor pytorch_model.bin: point to a folder or "
+        "Hub repository saved with save_pretrained."
+    )
+
+
+class FFVTForImageClassification(FFVTPreTrainedModel):
+    """FFVT with a linear classifier on the final CLS token."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = FFVTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FFVTImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding:
+                As in [`FFVTModel.forward`].
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices in `[0, config.num_labels)`; the loss is cross-entropy with `config.label_smoothing`.
+            return_dict (`bool`, *optional*):
+                Return an [`FFVTImageClassifierOutput`] rather than a tuple.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.vit(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits.float(), labels.to(logits.device).view(-1), label_smoothing=self.config.label_smoothing
+            )
+        output = FFVTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            selected_token_indices=outputs.selected_token_indices,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_vit_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        num_labels: int,
+        image_size: int | tuple[int, int] | None = None,
+        num_token: int = 12,
+        feature_fusion: bool = True,
+        hub_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "FFVTForImageClassification":
+        """
+        Starts FFVT from a Hub ViT checkpoint (a `ViTModel` or `ViTForImageClassification` folder or Hub id, e.g.
+        `google/vit-base-patch16-224-in21k`, which holds the weights of the paper's ViT-B_16.npz) the way the
+        original starts from Google's `.npz`: the architecture comes from the checkpoint's config, the position
+        embeddings are resized to `image_size`, the first `num_hidden_layers - 1` layers are loaded (all of them and
+        the final LayerNorm with `feature_fusion=False`), and the fusion layer, its LayerNorm and the zero head are
+        fresh. LayerNorm epsilon stays the original's 1e-6 whatever the checkpoint's config says.
+
+        Args:
+            pretrained_model_name_or_path (`str`): Hub id or local folder of the ViT checkpoint.
+            num_labels (`int`): Number of classes of the new head.
+            image_size (`int` or `tuple[int, int]`, *optional*): Input resolution; defaults to the checkpoint's.
+            num_token (`int`, *optional*, defaults to 12): Tokens MAWS keeps per layer.
+            feature_fusion (`bool`, *optional*, defaults to `True`): `False` gives the plain ViT baseline.
+            hub_kwargs (`dict`, *optional*): `revision`, `token`, `cache_dir`, ... for reading from the Hub.
+            config_kwargs: Further [`FFVTConfig`] arguments (`id2label`, `hidden_dropout_prob`, ...).
+        """
+        hub_kwargs = hub_kwargs or {}
+        vit_config = ViTConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config = FFVTConfig(
+            hidden_size=vit_config.hidden_size,
+            num_hidden_layers=vit_config.num_hidden_layers,
+            num_attention_heads=vit_config.num_attention_heads,
+            intermediate_size=vit_config.intermediate_size,
+            hidden_act=vit_config.hidden_act,
+            patch_size=vit_config.patch_size,
+            num_channels=vit_config.num_channels,
+            qkv_bias=vit_config.qkv_bias,
+            image_size=vit_config.image_size if image_size is None else image_size,
+            num_labels=num_labels,
+            num_token=num_token,
+            feature_fusion=feature_fusion,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.load_vit_backbone(read_checkpoint(pretrained_model_name_or_path, **hub_kwargs))
+        return model
+
+    @torch.no_grad()
+    def load_vit_backbone(self, state_dict: dict[str, torch.Tensor]):
+        """
+        Copies a ViT backbone in the Hub layout (keys with or without the `vit.` prefix) into this model: embeddings
+        (position embeddings resized to this model's grid), the layers before the fusion layer, and, without feature
+        fusion, every layer and the final LayerNorm. Anything else in `state_dict` (a pooler, a head) is ignored.
+        """
+        state_dict = {key.removeprefix("vit."): value for key, value in state_dict.items()}
+        wanted = [
+            key
+            for key in self.vit.state_dict()
+            if key.startswith(("embeddings.", "encoder.layer.", "layernorm."))
+        ]
+        missing = [key for key in wanted if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"Not a ViT checkpoint for this architecture: {len(missing)} of its tensors are missing, e.g. "
+                f"{missing[:5]}. Expected Hub ViT names such as 'embeddings.cls_token' and "
+                "'encoder.layer.0.attention.attention.query.weight'."
+            )
+        backbone = {key: state_dict[key] for key in wanted}
+        backbone["embeddings.position_embeddings"] = resize_position_embeddings(
+            backbone["embeddings.position_embeddings"], self.config.grid_size
+        )
+        own = self.vit.state_dict()
+        mismatched = [f"{key}: {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in backbone.items()
+                      if value.shape != own[key].shape]
+        if mismatched:
+            raise ValueError(f"The checkpoint's shapes do not fit this configuration: {mismatched[:5]}")
+        self.vit.load_state_dict(backbone, strict=False)
+
+
+__all__ = [
+    "FFVTPreTrainedModel",
+    "FFVTModel",
+    "FFVTForImageClassification",
+    "FFVTModelOutput",
+    "FFVTImageClassifierOutput",
+]
