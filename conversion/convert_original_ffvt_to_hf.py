@@ -39,7 +39,13 @@ _RENAMES = [
 
 def load_original_checkpoint(checkpoint_path: str) -> dict[str, torch.Tensor]:
     """Reads the state dict safely (no pickled code), strips a `module.` prefix and casts to float32."""
-    state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files and refused pickles
+        raise ValueError(
+            f"{checkpoint_path} could not be read as a PyTorch state dict of plain tensors ({type(error).__name__}); "
+            "expected the .bin file the original train.py saves."
+        ) from error
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         raise ValueError(
             f"{checkpoint_path} is not a state dict of tensors, which is what the original train.py saves."

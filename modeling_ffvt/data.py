@@ -1,0 +1,189 @@
+"""Image loading and FFVT's augmentation recipes, with every random draw taken from a caller's generator.
+
+The recipes reproduce the original torchvision pipelines (utils/data_utils.py of FFVT) with PIL, numpy and torch
+alone: torchvision is not a dependency. Seeding a generator per (seed, epoch, sample index) makes augmentation
+independent of worker count, process count and resumption, which is what exact resume needs.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+RECIPES = ("cub", "dogs", "cotton", "soyloc", "plain")
+# The paper's sizes: the image is resized to a square of DEFAULT_RESIZE, then cropped to DEFAULT_IMAGE_SIZE.
+DEFAULT_RESIZE = {"cub": 600, "dogs": 600, "cotton": 500, "soyloc": 500}
+DEFAULT_IMAGE_SIZE = {"cub": 448, "dogs": 448, "cotton": 384, "soyloc": 384}
+_JITTER_RECIPES = ("cub", "dogs")
+_JITTER_STRENGTH = 0.4
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be opened, decoded or converted to RGB."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def load_rgb(path_or_image):
+    """Open and fully decode an image (a path or a PIL image) and return it as an 8-bit RGB PIL image.
+
+    Alpha is dropped, not composited: the colour under transparent pixels is kept, as the original's
+    `.convert("RGB")` does (palette images with transparency go through RGBA first). 16-bit grey is scaled by its
+    bit depth (divided by 257) rather than clipped; see `_grey_to_8bit` for 32-bit and float images. EXIF
+    orientation is not applied, as in the original. Raises `UnreadableImageError` (a `ValueError`) naming the file
+    for missing, empty, truncated or unidentifiable files.
+    """
+    is_image = isinstance(path_or_image, Image.Image)
+    if is_image:
+        source = getattr(path_or_image, "filename", "") or "<in-memory image>"
+    else:
+        source = os.fspath(path_or_image)
+        if os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise UnreadableImageError(source, "empty file")
+    try:
+        if is_image:
+            image = path_or_image
+            image.load()
+        else:
+            with Image.open(source) as image:
+                image.load()  # decoding now is what reveals a truncated file
+        return _to_rgb(image)
+    # Pillow reports truncation as OSError, unknown formats as UnidentifiedImageError (an OSError), broken PNG
+    # chunks as SyntaxError and impossible mode conversions as ValueError.
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImageError(source, str(error) or type(error).__name__) from error
+
+
+def _to_rgb(image):
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _grey_to_8bit(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when such palettes are converted straight to RGB
+    return image.convert("RGB")
+
+
+def _grey_to_8bit(image):
+    """Scale a 16-bit, 32-bit or float grey image to mode L, since Pillow's own conversion clips at 255.
+
+    Pillow opens 16-bit PNG and TIFF files as "I;16*" or "I" depending on version and format, so for "I" the value
+    range is the only reliable depth signal: values that fit in 16 bits are read as 16-bit, others as 32-bit
+    (negative values clip to 0). Float images with all values in [0, 1] are read as [0, 1], others as [0, 255].
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F":
+        scale = 1 / 255 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+    else:
+        bits = 16 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 32
+        scale = (2**bits - 1) / 255
+    return Image.fromarray(np.rint(np.clip(values / scale, 0, 255)).astype(np.uint8))
+
+
+def _unreadable_reason(path):
+    try:
+        load_rgb(path)
+    except UnreadableImageError as error:
+        return error.reason
+    return None
+
+
+def find_unreadable_images(paths, num_workers=None):
+    """Decode every image once and return `(path, reason)` for each one that `load_rgb` rejects, in input order.
+
+    `load_dataset("imagefolder")` does not open images, so a bad file otherwise surfaces mid-training. Threads
+    suffice because Pillow releases the GIL while decoding; `num_workers` defaults to min(8, CPU count).
+    """
+    paths = [os.fspath(path) for path in paths]
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        reasons = list(pool.map(_unreadable_reason, paths))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def sample_generator(seed, epoch, index):
+    """Return a torch.Generator for the augmentation of sample `index` in `epoch` of a run seeded with `seed`.
+
+    numpy's SeedSequence hashes the three non-negative ints, so neighbouring triples get unrelated streams.
+    """
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _grey(pixels):
+    return 0.299 * pixels[0] + 0.587 * pixels[1] + 0.114 * pixels[2]
+
+
+def _color_jitter(pixels, generator):
+    """torchvision's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4) on a (3, H, W) tensor in [0, 1]."""
+    order = torch.randperm(3, generator=generator).tolist()
+    low, high = 1 - _JITTER_STRENGTH, 1 + _JITTER_STRENGTH
+    factors = [low + (high - low) * torch.rand(1, generator=generator).item() for _ in range(3)]
+    for adjustment in order:
+        factor = factors[adjustment]
+        if adjustment == 0:  # brightness: blend with black
+            pixels = pixels * factor
+        elif adjustment == 1:  # contrast: blend with the mean grey level
+            pixels = factor * pixels + (1 - factor) * _grey(pixels).mean()
+        else:  # saturation: blend with the grey image
+            pixels = factor * pixels + (1 - factor) * _grey(pixels)
+        pixels = pixels.clamp(0, 1)
+    return pixels
+
+
+class FGVCTransform:
+    """One of FFVT's recipes: PIL image (any mode) -> normalised float tensor (3, image_size, image_size).
+
+    Every recipe first resizes to a resize_size square (bilinear, aspect not kept). Evaluation (and "plain" in both
+    modes) then takes the centre crop. Training takes a random crop and a horizontal flip with p=0.5, with colour
+    jitter (brightness, contrast, saturation 0.4) between them for "cub" and "dogs". Random draws happen in the
+    original's order: crop top, crop left, jitter, flip.
+    """
+
+    def __init__(self, recipe, image_size, resize_size, train, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; expected one of {RECIPES}")
+        if resize_size < image_size:
+            raise ValueError(
+                f"resize_size ({resize_size}) must be at least image_size ({image_size}): "
+                "the crop is taken from the resized image"
+            )
+        self.recipe = recipe
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.train = train
+        self.random = train and recipe != "plain"
+        self.jitter = self.random and recipe in _JITTER_RECIPES
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self):
+        return (
+            f"FGVCTransform(recipe={self.recipe!r}, image_size={self.image_size}, "
+            f"resize_size={self.resize_size}, train={self.train})"
+        )
+
+    def __call__(self, image, generator=None):
+        """Transform one image. Pass `sample_generator(seed, epoch, index)` for reproducible training draws;
+        without a generator, training draws come from torch's global RNG."""
+        image = load_rgb(image).resize((self.resize_size, self.resize_size), Image.BILINEAR)
+        margin = self.resize_size - self.image_size
+        if self.random:
+            top, left = (torch.randint(0, margin + 1, (1,), generator=generator).item() for _ in range(2))
+        else:
+            top = left = int(round(margin / 2.0))  # torchvision's CenterCrop rounding (half to even)
+        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        if self.jitter:
+            pixels = _color_jitter(pixels, generator)
+        if self.random and torch.rand(1, generator=generator).item() < 0.5:
+            pixels = pixels.flip(-1)
+        return (pixels - self.mean) / self.std

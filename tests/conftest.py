@@ -1,0 +1,50 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
+
+
+def tiny_config(**overrides) -> FFVTConfig:
+    """A 4-layer, 32-wide FFVT on 32 px images with 4 px patches: 65 tokens per layer, 1 + 3 * 3 in the fusion layer."""
+    sizes = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=4,
+        num_token=3,
+        num_labels=5,
+    )
+    return FFVTConfig(**{**sizes, **overrides})
+
+
+def randomized(model: FFVTForImageClassification, seed: int = 0) -> FFVTForImageClassification:
+    """Gives every parameter a random value (a fresh model has a zero head and unit norms, which hide bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "layernorm" in name and name.endswith("weight"):
+                parameter.copy_(1 + 0.1 * noise)
+            else:
+                parameter.copy_(noise * (0.5 if parameter.ndim < 2 else parameter.shape[-1] ** -0.5))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> FFVTForImageClassification:
+    return randomized(FFVTForImageClassification(tiny_config()))
+
+
+def original_case(case: str):
+    """The configuration, checkpoint path and reference outputs the original code produced for `case`."""
+    config = json.loads((FIXTURES / f"{case}_config.json").read_text())
+    return config, FIXTURES / f"{case}_checkpoint.bin", load_file(FIXTURES / f"{case}_reference.safetensors")

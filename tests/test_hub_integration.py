@@ -1,0 +1,134 @@
+"""Saving, reloading, Auto classes, remote code without the package installed, and pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+
+from conftest import randomized, tiny_config
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
+from modeling_ffvt.image_processor import make_image_processor
+
+
+def digit_image(index: int = 0) -> Image.Image:
+    from sklearn.datasets import load_digits
+
+    digit = load_digits().images[index]
+    return Image.fromarray(np.uint8(digit * 255 / 16)).convert("RGB").resize((40, 40), Image.NEAREST)
+
+
+@pytest.fixture
+def saved_folder(tmp_path):
+    config = tiny_config(id2label={i: f"digit_{i}" for i in range(5)}, label2id={f"digit_{i}": i for i in range(5)})
+    model = randomized(FFVTForImageClassification(config))
+    folder = tmp_path / "ffvt-tiny"
+    model.save_pretrained(folder)
+    make_image_processor(32, 36).save_pretrained(folder)
+    return model, folder
+
+
+def test_round_trip_keeps_weights_config_and_outputs(saved_folder):
+    model, folder = saved_folder
+    assert (folder / "model.safetensors").exists()
+    assert {"configuration_ffvt.py", "modeling_ffvt.py"} <= set(os.listdir(folder))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "ffvt" and config["num_token"] == 3 and config["feature_fusion"] is True
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_ffvt.FFVTConfig",
+        "AutoModel": "modeling_ffvt.FFVTModel",
+        "AutoModelForImageClassification": "modeling_ffvt.FFVTForImageClassification",
+    }
+    reloaded = FFVTForImageClassification.from_pretrained(folder).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key]), key
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, reloaded(pixel_values).logits)
+
+
+def test_auto_classes(saved_folder):
+    model, folder = saved_folder
+    assert isinstance(AutoConfig.from_pretrained(folder), FFVTConfig)
+    assert type(AutoModelForImageClassification.from_pretrained(folder)) is FFVTForImageClassification
+    base = AutoModel.from_pretrained(folder)
+    assert type(base) is FFVTModel
+    torch.testing.assert_close(base.embeddings.cls_token, model.vit.embeddings.cls_token)
+    eager = AutoModelForImageClassification.from_pretrained(folder, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_missing_fusion_weights_are_initialised_like_a_fresh_model(saved_folder, tmp_path):
+    """transformers builds on the meta device and initialises what the checkpoint lacks with _init_weights."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved_folder
+    weights = load_file(folder / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "fusion" not in k and not k.startswith("classifier")}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    model = FFVTForImageClassification.from_pretrained(folder)
+    assert torch.count_nonzero(model.classifier.weight) == 0
+    assert torch.equal(model.vit.fusion_layernorm.weight, torch.ones(32))
+    assert model.vit.encoder.fusion_layer.output.dense.bias.abs().max() < 1e-4
+    query = model.vit.encoder.fusion_layer.attention.attention.query.weight
+    assert 0 < query.abs().max() <= 32**-0.5
+    torch.testing.assert_close(model.vit.embeddings.cls_token, kept["vit.embeddings.cls_token"])
+
+
+def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
+    model, folder = saved_folder
+    image = digit_image(3)
+    image.save(tmp_path / "digit.png")
+    processor = make_image_processor(32, 36)
+    with torch.no_grad():
+        expected = model(processor(image, return_tensors="pt").pixel_values).logits.softmax(-1)[0]
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        class HidePackage(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "modeling_ffvt" or name.startswith("modeling_ffvt."):
+                    raise ImportError("modeling_ffvt is hidden for this test")
+
+        sys.meta_path.insert(0, HidePackage())
+        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
+        from transformers import AutoModel, AutoModelForImageClassification, pipeline
+        try:
+            import modeling_ffvt
+            raise SystemExit("the package was importable")
+        except ImportError:
+            pass
+        model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        classifier = pipeline("image-classification", model={str(folder)!r}, trust_remote_code=True)
+        predictions = classifier({str(tmp_path / "digit.png")!r}, top_k=5)
+        print(json.dumps({{"model": type(model).__name__, "module": type(model).__module__,
+                           "base": type(base).__name__, "predictions": predictions}}))
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["model"] == "FFVTForImageClassification" and report["base"] == "FFVTModel"
+    assert report["module"].startswith("transformers_modules")
+    scores = {p["label"]: p["score"] for p in report["predictions"]}
+    for index, probability in enumerate(expected.tolist()):
+        assert abs(scores[f"digit_{index}"] - probability) < 1e-5
+
+
+def test_pipeline_with_the_package(saved_folder):
+    _, folder = saved_folder
+    classifier = pipeline("image-classification", model=str(folder))
+    grey = digit_image(5).convert("L")  # pipeline converts modes itself
+    predictions = classifier(grey, top_k=2)
+    assert len(predictions) == 2 and predictions[0]["label"].startswith("digit_")
+    assert predictions[0]["score"] >= predictions[1]["score"]

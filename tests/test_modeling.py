@@ -1,0 +1,214 @@
+"""Behaviour of the model beyond parity with the original: MAWS, attention backends, sizes, errors, training aids."""
+
+import pytest
+import torch
+
+from conftest import randomized, tiny_config
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
+
+
+def reference_maws_picks(attention_logits: torch.Tensor, num_token: int) -> torch.Tensor:
+    """MAWS written from its definition with full N x N matrices: CLS row of the key-softmax times CLS column of the
+    query-softmax, each averaged over heads."""
+    row = attention_logits.softmax(dim=-1)[:, :, 0, :].mean(1)
+    column = attention_logits.softmax(dim=-2)[:, :, :, 0].mean(1)
+    return torch.argsort(row * column, dim=-1, descending=True)[:, :num_token]
+
+
+def test_picks_follow_the_definition_and_gather_from_each_layer_output(tiny_model):
+    pixel_values = torch.randn(3, 3, 32, 32)
+    logits_by_layer = []
+    hooks = []
+    for layer in tiny_model.vit.encoder.layer:
+        attention = layer.attention.attention
+
+        def record(module, args, output, attention=attention):
+            hidden = args[0]
+            shape = (hidden.shape[0], hidden.shape[1], attention.num_heads, attention.head_dim)
+            query = attention.query(hidden).view(shape).transpose(1, 2)
+            key = attention.key(hidden).view(shape).transpose(1, 2)
+            logits_by_layer.append(query @ key.transpose(-1, -2) / attention.head_dim**0.5)
+
+        hooks.append(attention.register_forward_hook(record))
+    with torch.no_grad():
+        output = tiny_model(pixel_values, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+
+    fusion_input = [output.hidden_states[-2][:, :1]]
+    for layer, picks in enumerate(output.selected_token_indices):
+        assert picks.shape == (3, 3)
+        assert torch.equal(picks, reference_maws_picks(logits_by_layer[layer], 3))
+        layer_output = output.hidden_states[layer + 1]
+        fusion_input.append(torch.stack([layer_output[i, picks[i]] for i in range(3)]))
+    captured = {}
+    hook = tiny_model.vit.encoder.fusion_layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        tiny_model(pixel_values)
+    hook.remove()
+    torch.testing.assert_close(captured["x"], torch.cat(fusion_input, dim=1))
+    assert output.hidden_states[-1].shape == (3, 1 + 3 * 3, 32)
+
+
+def test_eager_and_sdpa_agree(tiny_model):
+    pixel_values = torch.randn(4, 3, 32, 32)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        tiny_model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = tiny_model(pixel_values)
+    eager, sdpa = outputs["eager"], outputs["sdpa"]
+    scale = eager.logits.abs().max()
+    assert ((eager.logits - sdpa.logits).abs().max() / scale) < 1e-5
+    for a, b in zip(eager.selected_token_indices, sdpa.selected_token_indices):
+        assert torch.equal(a, b)
+
+
+def test_sdpa_returns_attentions_when_asked(tiny_model):
+    tiny_model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        output = tiny_model(torch.randn(2, 3, 32, 32), output_attentions=True)
+    assert [tuple(a.shape) for a in output.attentions] == [(2, 4, 65, 65)] * 3 + [(2, 4, 10, 10)]
+    torch.testing.assert_close(output.attentions[0].sum(-1), torch.ones(2, 4, 65))
+
+
+def test_without_fusion_is_a_plain_vit():
+    model = randomized(FFVTForImageClassification(tiny_config(feature_fusion=False)))
+    assert len(model.vit.encoder.layer) == 4 and model.vit.encoder.fusion_layer is None
+    with torch.no_grad():
+        output = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+    assert output.selected_token_indices == ()
+    manual = model.classifier(model.vit.layernorm(output.hidden_states[-1])[:, 0])
+    torch.testing.assert_close(output.logits, manual)
+
+
+def test_tuple_output_and_loss():
+    model = randomized(FFVTForImageClassification(tiny_config(label_smoothing=0.2)))
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
+    with torch.no_grad():
+        loss, logits, picks = model(pixel_values, labels=labels, return_dict=False)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    torch.testing.assert_close(loss, expected)
+    assert len(picks) == 3
+
+
+def test_interpolate_pos_encoding_handles_other_sizes(tiny_model):
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        tiny_model(torch.randn(1, 3, 48, 40))
+    with torch.no_grad():
+        output = tiny_model(torch.randn(2, 3, 48, 40), interpolate_pos_encoding=True)
+        same = tiny_model(torch.randn(2, 3, 32, 32), interpolate_pos_encoding=True)
+    assert output.logits.shape == (2, 5) and same.logits.shape == (2, 5)
+    assert output.selected_token_indices[0].max() < 1 + 12 * 10
+    positions = tiny_model.vit.embeddings.interpolate_pos_encoding(12, 10)
+    assert positions.shape == (1, 121, 32)
+    torch.testing.assert_close(positions[:, 0], tiny_model.vit.embeddings.position_embeddings[:, 0])
+
+
+def test_bad_inputs_get_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match="channels"):
+        tiny_model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="num_token=3 is more than"):
+        tiny_model(torch.randn(1, 3, 4, 4), interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="pixel_values"):
+        tiny_model()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_token=66), "num_token=66 must lie between 1 and the 65 tokens"),
+        (dict(num_token=0), "num_token=0"),
+        (dict(image_size=30), "multiple of patch_size"),
+        (dict(num_hidden_layers=1), "at least 2 layers"),
+        (dict(hidden_size=30), "multiple of num_attention_heads"),
+        (dict(label_smoothing=1.0), "label_smoothing"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+    ],
+)
+def test_impossible_configurations_fail_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_config_defaults_are_the_papers():
+    config = FFVTConfig()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert (config.image_size, config.patch_size, config.num_token) == (448, 16, 12)
+    assert config.layer_norm_eps == 1e-6 and config.hidden_dropout_prob == 0.1
+    assert config.attention_probs_dropout_prob == 0.0 and config.feature_fusion and config.label_smoothing == 0.0
+    assert config.fusion_sequence_length == 133
+    assert tiny_config(num_hidden_layers=1, feature_fusion=False).num_hidden_layers == 1
+
+
+def test_fresh_model_is_initialised_as_the_original():
+    torch.manual_seed(0)
+    model = FFVTForImageClassification(tiny_config(hidden_size=64, intermediate_size=256))
+    fusion = model.vit.encoder.fusion_layer
+    assert torch.count_nonzero(model.classifier.weight) == 0 and torch.count_nonzero(model.classifier.bias) == 0
+    xavier_bound = (6 / (64 + 256)) ** 0.5
+    assert fusion.intermediate.dense.weight.abs().max() <= xavier_bound
+    assert fusion.intermediate.dense.weight.abs().max() > 0.9 * xavier_bound
+    assert fusion.output.dense.bias.std() < 1e-5
+    query = fusion.attention.attention.query
+    # PyTorch's Linear default: weights and biases uniform within 1/sqrt(fan_in).
+    assert query.weight.abs().max() <= 1 / 8 and query.bias.abs().max() <= 1 / 8
+    assert query.bias.abs().max() > 0.1
+    assert torch.equal(model.vit.fusion_layernorm.weight, torch.ones(64))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config(hidden_dropout_prob=0.0)
+    reference = randomized(FFVTForImageClassification(config)).train()
+    checkpointed = randomized(FFVTForImageClassification(config)).train()
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    for model in (reference, checkpointed):
+        model(pixel_values, labels=labels).loss.backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_returned_attentions_and_hidden_states_are_in_the_graph(tiny_model):
+    output = tiny_model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]), output_attentions=True,
+                        output_hidden_states=True)
+    for tensor in (*output.attentions, *output.hidden_states):
+        tensor.retain_grad()
+    output.loss.backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in output.attentions)
+    assert all(h.grad is not None for h in output.hidden_states)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_fullgraph(tiny_model, training):
+    tiny_model.train(training)
+    compiled = torch.compile(tiny_model, fullgraph=True, backend="aot_eager")
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    expected = tiny_model(pixel_values, labels=labels)
+    torch.manual_seed(0)
+    output = compiled(pixel_values, labels=labels)
+    if training:
+        output.loss.backward()
+        assert tiny_model.vit.embeddings.cls_token.grad is not None
+    else:
+        torch.testing.assert_close(output.logits, expected.logits)
+        assert all(torch.equal(a, b) for a, b in zip(output.selected_token_indices, expected.selected_token_indices))
+
+
+def test_bfloat16_forward_runs_on_cpu(tiny_model):
+    model = tiny_model.to(torch.bfloat16)
+    with torch.no_grad():
+        output = model(torch.randn(2, 3, 32, 32))
+    assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.logits.float()).all()
+
+
+def test_base_model_output(tiny_model):
+    base = FFVTModel(tiny_config())
+    base.load_state_dict(tiny_model.vit.state_dict())
+    base.eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(base(pixel_values).last_hidden_state, tiny_model.vit(pixel_values).last_hidden_state)
+    assert base.get_input_embeddings() is base.embeddings.patch_embeddings
