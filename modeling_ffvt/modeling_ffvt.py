@@ -185,13 +185,31 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, score_tokens: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        num_token: int = 0,
+        only_picked_rows: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """
+        Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
+        `num_token` tokens MAWS picks. With `only_picked_rows` the output holds only the CLS row and the picked rows,
+        in that order: all a layer needs to compute when nothing but its picks is used downstream.
+        """
         batch_size, num_tokens, hidden_size = hidden_states.shape
         heads_shape = (batch_size, num_tokens, self.num_heads, self.head_dim)
         query = self.query(hidden_states).view(heads_shape).transpose(1, 2)
         key = self.key(hidden_states).view(heads_shape).transpose(1, 2)
         value = self.value(hidden_states).view(heads_shape).transpose(1, 2)
+
+        picks = None
+        if num_token:
+            # MAWS only ranks tokens, so its scores need no gradient.
+            scores = mutual_attention_scores(query.detach(), key.detach(), self.scaling)
+            picks = scores.topk(num_token, dim=-1).indices
+        if only_picked_rows:
+            rows = with_cls(picks)[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+            query = query.gather(2, rows)
 
         output, probabilities = self.attention_function(output_attentions)(
             self,
@@ -202,10 +220,18 @@ class FFVTSelfAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.dropout_prob if self.training else 0.0,
         )
-        # MAWS only ranks tokens, so its scores need no gradient.
-        scores = mutual_attention_scores(query.detach(), key.detach(), self.scaling) if score_tokens else None
         probabilities = probabilities if output_attentions else None
-        return output.reshape(batch_size, num_tokens, hidden_size), probabilities, scores
+        return output.reshape(batch_size, query.shape[2], hidden_size), probabilities, picks
+
+
+def with_cls(picks: torch.LongTensor) -> torch.LongTensor:
+    """Token indices (batch, k) with the CLS position prepended: (batch, 1 + k)."""
+    return torch.cat([picks.new_zeros(picks.shape[0], 1), picks], dim=1)
+
+
+def gather_tokens(hidden_states: torch.Tensor, indices: torch.LongTensor) -> torch.Tensor:
+    """The tokens `indices` (batch, k) of each image of `hidden_states` (batch, tokens, hidden): (batch, k, hidden)."""
+    return hidden_states.gather(1, indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
 
 
 class FFVTSelfOutput(nn.Module):
@@ -226,9 +252,9 @@ class FFVTAttention(nn.Module):
         self.attention = FFVTSelfAttention(config)
         self.output = FFVTSelfOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, score_tokens=False):
-        output, probabilities, scores = self.attention(hidden_states, output_attentions, score_tokens)
-        return self.output(output), probabilities, scores
+    def forward(self, hidden_states, output_attentions=False, num_token=0, only_picked_rows=False):
+        output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, only_picked_rows)
+        return self.output(output), probabilities, picks
 
 
 class FFVTMlpLinear(nn.Linear):
@@ -271,13 +297,17 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.intermediate = FFVTIntermediate(config)
         self.output = FFVTOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, score_tokens=False):
-        attended, probabilities, scores = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, score_tokens
+    def forward(self, hidden_states, output_attentions=False, num_token=0, only_picked_rows=False):
+        """`num_token` and `only_picked_rows` as in [`FFVTSelfAttention.forward`]; returns (output, probabilities,
+        picks)."""
+        attended, probabilities, picks = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, num_token, only_picked_rows
         )
+        if only_picked_rows:
+            hidden_states = gather_tokens(hidden_states, with_cls(picks))
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        return hidden_states, probabilities, scores
+        return hidden_states, probabilities, picks
 
 
 class FFVTEncoder(nn.Module):
@@ -302,14 +332,18 @@ class FFVTEncoder(nn.Module):
                 f"num_token={self.num_token} is more than the {hidden_states.shape[1]} tokens of a layer at this image "
                 "size: use larger images or a model with a smaller num_token."
             )
+        # The last layer before the fusion layer is only needed at its CLS token and its picks, unless the caller
+        # asks for every layer's full output.
+        last_layer_rows_only = fusing and not output_hidden_states and not output_attentions
         selected_token_indices, selected_tokens = [], []
-        for layer in self.layer:
-            hidden_states, probabilities, scores = layer(hidden_states, output_attentions, fusing)
+        for index, layer in enumerate(self.layer):
+            only_picked_rows = last_layer_rows_only and index == len(self.layer) - 1
+            hidden_states, probabilities, picks = layer(
+                hidden_states, output_attentions, self.num_token if fusing else 0, only_picked_rows
+            )
             if fusing:
-                indices = scores.topk(self.num_token, dim=-1).indices
-                selected_token_indices.append(indices)
-                gather_index = indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
-                selected_tokens.append(hidden_states.gather(1, gather_index))
+                selected_token_indices.append(picks)
+                selected_tokens.append(hidden_states[:, 1:] if only_picked_rows else gather_tokens(hidden_states, picks))
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:

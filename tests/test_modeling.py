@@ -212,3 +212,20 @@ def test_base_model_output(tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(base(pixel_values).last_hidden_state, tiny_model.vit(pixel_values).last_hidden_state)
     assert base.get_input_embeddings() is base.embeddings.patch_embeddings
+
+
+def test_last_layer_rows_only_path_equals_the_full_path(tiny_model):
+    """Without hidden states or attentions asked for, the layer before the fusion layer computes only the rows used."""
+    pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    tiny_model.config.hidden_dropout_prob = 0.0
+    pruned = tiny_model(pixel_values, labels=labels)
+    full = tiny_model(pixel_values, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(pruned.logits, full.logits)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.selected_token_indices, full.selected_token_indices))
+    gradients = []
+    for output in (pruned, full):
+        tiny_model.zero_grad()
+        output.loss.backward()
+        gradients.append([p.grad.clone() for p in tiny_model.parameters()])
+    for a, b in zip(*gradients):
+        torch.testing.assert_close(a, b)
