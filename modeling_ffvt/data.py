@@ -5,6 +5,7 @@ alone: torchvision is not a dependency. Seeding a generator per (seed, epoch, sa
 independent of worker count, process count and resumption, which is what exact resume needs.
 """
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,9 +17,6 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 RECIPES = ("cub", "dogs", "cotton", "soyloc", "plain")
-# The paper's sizes: the image is resized to a square of DEFAULT_RESIZE, then cropped to DEFAULT_IMAGE_SIZE.
-DEFAULT_RESIZE = {"cub": 600, "dogs": 600, "cotton": 500, "soyloc": 500}
-DEFAULT_IMAGE_SIZE = {"cub": 448, "dogs": 448, "cotton": 384, "soyloc": 384}
 _JITTER_RECIPES = ("cub", "dogs")
 _JITTER_STRENGTH = 0.4
 
@@ -33,7 +31,10 @@ class UnreadableImageError(ValueError):
 
 
 def load_rgb(path_or_image):
-    """Open and fully decode an image (a path or a PIL image) and return it as an 8-bit RGB PIL image.
+    """Open and fully decode an image and return it as an 8-bit RGB PIL image.
+
+    `path_or_image` is a path, a PIL image, or an entry of a `datasets.Image(decode=False)` column: a dict whose
+    "bytes", when present, hold the encoded image and whose "path" otherwise locates it (and names it in errors).
 
     Alpha is dropped, not composited: the colour under transparent pixels is kept, as the original's
     `.convert("RGB")` does (palette images with transparency go through RGBA first). 16-bit grey is scaled by its
@@ -45,21 +46,32 @@ def load_rgb(path_or_image):
     if is_image:
         source = getattr(path_or_image, "filename", "") or "<in-memory image>"
     else:
-        source = os.fspath(path_or_image)
-        if os.path.isfile(source) and os.path.getsize(source) == 0:
+        source, file, size = _encoded_image(path_or_image)
+        if size == 0:
             raise UnreadableImageError(source, "empty file")
     try:
         if is_image:
             image = path_or_image
             image.load()
         else:
-            with Image.open(source) as image:
+            with Image.open(file) as image:
                 image.load()  # decoding now is what reveals a truncated file
         return _to_rgb(image)
     # Pillow reports truncation as OSError, unknown formats as UnidentifiedImageError (an OSError), broken PNG
     # chunks as SyntaxError and impossible mode conversions as ValueError.
     except (OSError, SyntaxError, ValueError) as error:
         raise UnreadableImageError(source, str(error) or type(error).__name__) from error
+
+
+def _encoded_image(path_or_entry):
+    """(name for messages, what Image.open reads, size in bytes or None when unknown) of a path or datasets entry."""
+    if isinstance(path_or_entry, dict):
+        if path_or_entry.get("bytes") is not None:
+            data = path_or_entry["bytes"]
+            return path_or_entry.get("path") or "<embedded image>", io.BytesIO(data), len(data)
+        path_or_entry = path_or_entry["path"]
+    path = os.fspath(path_or_entry)
+    return path, path, os.path.getsize(path) if os.path.isfile(path) else None
 
 
 def _to_rgb(image):
@@ -88,25 +100,27 @@ def _grey_to_8bit(image):
     return Image.fromarray(np.rint(np.clip(values / scale, 0, 255)).astype(np.uint8))
 
 
-def _unreadable_reason(path):
+def _unreadable_reason(image):
     try:
-        load_rgb(path)
+        load_rgb(image)
     except UnreadableImageError as error:
         return error.reason
     return None
 
 
-def find_unreadable_images(paths, num_workers=None):
+def find_unreadable_images(images, num_workers=None):
     """Decode every image once and return `(path, reason)` for each one that `load_rgb` rejects, in input order.
 
-    `load_dataset("imagefolder")` does not open images, so a bad file otherwise surfaces mid-training. Threads
-    suffice because Pillow releases the GIL while decoding; `num_workers` defaults to min(8, CPU count).
+    `images` holds paths or `datasets.Image(decode=False)` entries (an embedded image is named by its recorded path,
+    or "<embedded image>"). `load_dataset("imagefolder")` does not open images, so a bad file otherwise surfaces
+    mid-training. Threads suffice because Pillow releases the GIL while decoding; `num_workers` defaults to min(8,
+    CPU count).
     """
-    paths = [os.fspath(path) for path in paths]
+    images = list(images)
     num_workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        reasons = list(pool.map(_unreadable_reason, paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+        reasons = list(pool.map(_unreadable_reason, images))
+    return [(_encoded_image(image)[0], reason) for image, reason in zip(images, reasons) if reason is not None]
 
 
 def sample_generator(seed, epoch, index):

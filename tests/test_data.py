@@ -4,7 +4,6 @@ import torch
 from PIL import Image, ImageEnhance
 
 from modeling_ffvt.data import (
-    DEFAULT_RESIZE,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RECIPES,
@@ -14,6 +13,7 @@ from modeling_ffvt.data import (
     load_rgb,
     sample_generator,
 )
+from modeling_ffvt.image_processor import default_resize_size
 
 
 def random_rgb(height, width, seed=0):
@@ -118,6 +118,18 @@ def test_find_unreadable_images_reports_bad_files_in_order(tmp_path):
     assert [path for path, _ in found] == [str(empty), str(truncated)]
     assert "empty" in found[0][1] and "truncated" in found[1][1]
     assert find_unreadable_images([good]) == []
+
+
+def test_datasets_entries_are_read_from_bytes_or_path(tmp_path):
+    """`datasets.Image(decode=False)` gives {"bytes", "path"}: bytes when the image is embedded, else a path."""
+    random_rgb(5, 7).save(tmp_path / "image.png")
+    encoded = (tmp_path / "image.png").read_bytes()
+    for entry in ({"bytes": encoded, "path": "image.png"}, {"bytes": None, "path": str(tmp_path / "image.png")}):
+        np.testing.assert_array_equal(np.asarray(load_rgb(entry)), np.asarray(random_rgb(5, 7)))
+    bad = [{"bytes": encoded[: len(encoded) // 2], "path": "half.png"}, {"bytes": b"", "path": None}]
+    found = find_unreadable_images(bad + [{"bytes": encoded, "path": None}])
+    assert [name for name, _ in found] == ["half.png", "<embedded image>"]
+    assert "truncated" in found[0][1] and "empty" in found[1][1]
 
 
 # ---- transforms ----------------------------------------------------------------------------------------------
@@ -226,6 +238,6 @@ def test_transform_rejects_bad_arguments():
 
 def test_default_sizes_give_the_papers_shapes():
     image = random_rgb(50, 70)
-    cub = FGVCTransform("cub", 448, DEFAULT_RESIZE["cub"], train=True)
+    cub = FGVCTransform("cub", 448, default_resize_size(448), train=True)
     assert cub(image, sample_generator(0, 0, 0)).shape == (3, 448, 448)
-    assert FGVCTransform("cotton", 384, DEFAULT_RESIZE["cotton"], train=False)(image).shape == (3, 384, 384)
+    assert FGVCTransform("cotton", 384, default_resize_size(384), train=False)(image).shape == (3, 384, 384)

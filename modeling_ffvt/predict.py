@@ -1,0 +1,158 @@
+"""Classify images with a saved FFVT (or any image classification) model.
+
+    ffvt-predict bird.jpg more_birds/ --model ffvt-cub --top_k 3
+    ffvt-predict bird.jpg --model ffvt-cub --json --selection_map bird_picks.png
+
+Every file is checked before the model runs: missing files, folders without images and files that are not images
+stop the run with one message naming them all. docs/usage.md describes the output.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+# Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
+from .configuration_ffvt import _pair
+from .data import find_unreadable_images, load_rgb
+from .selection_map import draw_selection_map, model_input_image
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="ffvt-predict", description="Classify images with an FFVT model.")
+    parser.add_argument("images", nargs="+", help="Image files, or folders searched recursively for images.")
+    parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub id.")
+    parser.add_argument("--top_k", type=int, default=5, help="Classes to list per image (default 5).")
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    parser.add_argument(
+        "--selection_map",
+        type=Path,
+        metavar="OUT.png",
+        help="Draw where MAWS picked tokens: into OUT.png for one image, OUT_<image stem>.png for several.",
+    )
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top_k and --batch_size must be positive.")
+    if args.selection_map and args.selection_map.suffix.lower() not in Image.registered_extensions():
+        parser.error(f"--selection_map {args.selection_map}: end the name with an image extension such as .png.")
+    return args
+
+
+def find_images(paths) -> list[Path]:
+    """The image files among `paths` (files as given, folders searched recursively by extension), in order.
+
+    Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image.
+    """
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(file for file in path.rglob("*") if file.suffix.lower() in IMAGE_EXTENSIONS)
+            found = [file for file in found if file.is_file()]
+            if not found:
+                problems.append(f"{path}: no images in this folder (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    files = list(dict.fromkeys(files))
+    problems += [f"{path}: not a readable image ({reason})" for path, reason in find_unreadable_images(files)]
+    if problems:
+        raise SystemExit("cannot use these inputs:\n  " + "\n  ".join(problems))
+    return files
+
+
+def selection_map_paths(out: Path, files: list[Path]) -> list[Path]:
+    """`out` for a single image; otherwise OUT_<stem>.png beside `out`, numbered _2, _3, ... when stems repeat."""
+    if len(files) == 1:
+        return [out]
+    paths, seen = [], {}
+    for file in files:
+        seen[file.stem] = seen.get(file.stem, 0) + 1
+        suffix = "" if seen[file.stem] == 1 else f"_{seen[file.stem]}"
+        paths.append(out.with_name(f"{out.stem}_{file.stem}{suffix}{out.suffix}"))
+    return paths
+
+
+def load_model(name, device):
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot load the model {name}: {error}") from None
+    return model.to(device).eval(), processor
+
+
+@torch.no_grad()
+def predict(model, processor, files, top_k=5, batch_size=8, selection_maps=None):
+    """Yield, per file, {"file", "predictions": [{"rank", "label", "id", "probability"}, ...]} with the `top_k`
+    most probable classes (softmax of the logits), drawing each file's selection map into `selection_maps[i]`
+    when given (and adding its path as "selection_map")."""
+    id2label = model.config.id2label
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        pixel_values = processor([load_rgb(file) for file in batch], return_tensors="pt")["pixel_values"]
+        outputs = model(pixel_values=pixel_values.to(model.device))
+        top = outputs.logits.float().softmax(-1).topk(min(top_k, outputs.logits.shape[-1]))
+        for row, file in enumerate(batch):
+            ranked = zip(top.indices[row].tolist(), top.values[row].tolist())
+            result = {
+                "file": str(file),
+                "predictions": [
+                    {"rank": rank, "label": id2label[index], "id": index, "probability": probability}
+                    for rank, (index, probability) in enumerate(ranked, start=1)
+                ],
+            }
+            if selection_maps is not None:
+                path = selection_maps[start + row]
+                picks = [layer[row] for layer in outputs.selected_token_indices]
+                patch_height, patch_width = _pair(model.config.patch_size)
+                grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                draw_selection_map(model_input_image(pixel_values[row], processor), picks, grid).save(path)
+                result["selection_map"] = str(path)
+            yield result
+
+
+def print_table(results):
+    rows = [("file", "rank", "label", "probability")]
+    for result in results:
+        for prediction in result["predictions"]:
+            probability = f"{prediction['probability']:.4f}"
+            rows.append((result["file"], str(prediction["rank"]), prediction["label"], probability))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for file, rank, label, probability in rows:
+        print(f"{file:<{widths[0]}}  {rank:>{widths[1]}}  {label:<{widths[2]}}  {probability:>{widths[3]}}")
+    for result in results:
+        if "selection_map" in result:
+            print(f"selection map of {result['file']}: {result['selection_map']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    files = find_images(args.images)
+    model, processor = load_model(args.model, device)
+    maps = None
+    if args.selection_map:
+        if not getattr(model.config, "feature_fusion", False):
+            raise SystemExit(f"--selection_map needs an FFVT model with feature fusion; {args.model} picks no tokens.")
+        maps = selection_map_paths(args.selection_map, files)
+    results = list(predict(model, processor, files, args.top_k, args.batch_size, maps))
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""ffvt-evaluate's accuracies and confused pairs, against a hand count over a folder of digits."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
+
+from conftest import randomized, tiny_config
+from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.evaluate_cli import main
+from modeling_ffvt.image_processor import make_image_processor
+
+# The model's classes in an order unlike the folders' sorted one, with two classes the data lacks.
+MODEL_CLASSES = ["3", "9", "0", "2", "1", "7"]
+DATA_CLASSES = ["0", "1", "2", "3"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """main() sets up accelerate's process-wide state; reset it so that later tests configure their own."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ffvt-tiny")
+    config = tiny_config(
+        num_labels=len(MODEL_CLASSES),
+        id2label=dict(enumerate(MODEL_CLASSES)),
+        label2id={name: index for index, name in enumerate(MODEL_CLASSES)},
+    )
+    model = randomized(FFVTForImageClassification(config), seed=9)  # 40 % top-1, 75 % top-5 on these digits
+    model.save_pretrained(folder)
+    make_image_processor(32, 36).save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    """train/ and test/ splits of class folders of scikit-learn digits, 2 and 5 grey PNGs per class."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    for name in DATA_CLASSES:
+        indices = np.flatnonzero(digits.target == int(name))
+        for split, chosen in (("train", indices[:2]), ("test", indices[2:7])):
+            (root / split / name).mkdir(parents=True)
+            for index in chosen:
+                image = Image.fromarray(np.uint8(digits.images[index] * 255 / 16)).resize((40, 40), Image.NEAREST)
+                image.save(root / split / name / f"{index}.png")
+    return root
+
+
+def hand_count(model, folder):
+    """Top-1, top-5, mean per-class accuracy and mistakes counted image by image."""
+    processor = make_image_processor(32, 36)
+    top1, top5, per_class, mistakes = [], [], {}, Counter()
+    for path in sorted(folder.glob("*/*.png")):
+        true = MODEL_CLASSES.index(path.parent.name)
+        with torch.no_grad():
+            logits = model(processor(Image.open(path).convert("RGB"), return_tensors="pt").pixel_values).logits[0]
+        ranked = logits.argsort(descending=True).tolist()
+        top1.append(ranked[0] == true)
+        top5.append(true in ranked[:5])
+        per_class.setdefault(true, []).append(ranked[0] == true)
+        if ranked[0] != true:
+            mistakes[(path.parent.name, MODEL_CLASSES[ranked[0]])] += 1
+    return {
+        "num_images": len(top1),
+        "accuracy": np.mean(top1),
+        "top5_accuracy": np.mean(top5),
+        "mean_per_class_accuracy": np.mean([np.mean(hits) for hits in per_class.values()]),
+    }, mistakes
+
+
+def run_json(capsys, argv):
+    main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def check_report(report, model, digits_folder):
+    expected, mistakes = hand_count(model, digits_folder / "test")
+    assert report["split"] == "test"
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, abs=1e-12), key
+    # The model is random: some but not all digits are right, and the mistakes spread over several pairs.
+    assert 0 < report["accuracy"] < 1 and len(mistakes) > 1
+    assert len(report["most_confused"]) == min(10, len(mistakes))
+    assert {(pair["true"], pair["predicted"]): pair["count"] for pair in report["most_confused"]} == dict(mistakes)
+    counts = [pair["count"] for pair in report["most_confused"]]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_accuracies_and_confusions_match_a_hand_count(model_folder, digits_folder, capsys):
+    model, folder = model_folder
+    report = run_json(capsys, ["--model", str(folder), "--data_dir", str(digits_folder), "--batch_size", "3"])
+    check_report(report, model, digits_folder)
+
+    # The same numbers through a datasets folder, and as a table.
+    main(["--model", str(folder), "--dataset_name", str(digits_folder), "--split", "test", "--confusions", "2"])
+    table = capsys.readouterr().out
+    assert f"top-1 accuracy           {report['accuracy']:.4f}" in table
+    assert f"mean per-class accuracy  {report['mean_per_class_accuracy']:.4f}" in table
+    pairs = [f"  {pair['true']} -> {pair['predicted']}: {pair['count']}" for pair in report["most_confused"][:2]]
+    assert table.splitlines()[-3:] == ["most confused (true -> predicted: images)", *pairs]
+
+
+def test_across_processes(model_folder, digits_folder):
+    """Two CPU processes (20 images in batches of 3 each: the last step pads, and gather_for_metrics drops it)."""
+    model, folder = model_folder
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "modeling_ffvt.evaluate_cli"]
+    arguments = ["--model", str(folder), "--data_dir", str(digits_folder), "--batch_size", "3", "--json"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *command, *arguments], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_report(json.loads(result.stdout), model, digits_folder)
+
+
+def test_classes_the_model_lacks_are_named(model_folder, digits_folder, tmp_path):
+    _, folder = model_folder
+    for name in ("0", "cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / name / "image.png")
+    with pytest.raises(SystemExit, match="no class named 'cat', 'dog'. Its 6 classes are '3', '9', '0'"):
+        main(["--model", str(folder), "--data_dir", str(tmp_path)])
+
+
+def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path):
+    _, folder = model_folder
+    with pytest.raises(SystemExit, match="is not a folder"):
+        main(["--model", str(folder), "--data_dir", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"No split 'validation' in the data set, only \['train', 'test'\]"):
+        main(["--model", str(folder), "--data_dir", str(digits_folder), "--split", "validation"])
+    (tmp_path / "broken" / "0").mkdir(parents=True)
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "broken" / "0" / "good.png")
+    (tmp_path / "broken" / "1" / "bad.png").write_text("not a PNG")
+    with pytest.raises(SystemExit, match="bad.png.*fix or remove the file"):
+        main(["--model", str(folder), "--data_dir", str(tmp_path / "broken")])

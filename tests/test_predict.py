@@ -1,0 +1,122 @@
+"""ffvt-predict prints the model's softmax over the saved processor's output, as a table or JSON."""
+
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomized, tiny_config
+from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.predict import main, selection_map_paths
+from modeling_ffvt.selection_map import selection_map
+
+LABELS = {i: f"digit_{i}" for i in range(5)}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ffvt-tiny")
+    config = tiny_config(id2label=LABELS, label2id={label: index for index, label in LABELS.items()})
+    model = randomized(FFVTForImageClassification(config))
+    model.save_pretrained(folder)
+    make_image_processor(32, 36).save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three digits in a folder tree, saved as grey, RGBA and palette PNGs."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested").mkdir()
+    digits = load_digits().images
+    grey = [Image.fromarray(np.uint8(digits[i] * 255 / 16)).resize((40, 40), Image.NEAREST) for i in range(3)]
+    paths = [root / "a.png", root / "nested" / "b.png", root / "nested" / "c.png"]
+    grey[0].save(paths[0])
+    grey[1].convert("RGBA").save(paths[1])
+    grey[2].convert("P").save(paths[2])
+    (root / "notes.txt").write_text("not an image, and not picked up from a folder")
+    return root, paths
+
+
+def expected_probabilities(model, paths):
+    processor = make_image_processor(32, 36)
+    pixel_values = processor([Image.open(path).convert("RGB") for path in paths], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        return model(pixel_values).logits.softmax(-1)
+
+
+def test_json_probabilities_are_the_models_softmax(saved_model, images, capsys):
+    model, folder = saved_model
+    root, paths = images
+    main([str(root), "--model", str(folder), "--top_k", "3", "--json", "--batch_size", "2"])
+    results = json.loads(capsys.readouterr().out)
+    assert [result["file"] for result in results] == [str(path) for path in paths]
+    probabilities = expected_probabilities(model, paths)
+    for result, expected in zip(results, probabilities):
+        top = expected.topk(3)
+        assert [p["rank"] for p in result["predictions"]] == [1, 2, 3]
+        assert [p["id"] for p in result["predictions"]] == top.indices.tolist()
+        assert [p["label"] for p in result["predictions"]] == [LABELS[i] for i in top.indices.tolist()]
+        np.testing.assert_allclose([p["probability"] for p in result["predictions"]], top.values, atol=1e-6)
+
+
+def test_table(saved_model, images, capsys):
+    model, folder = saved_model
+    _, paths = images
+    main([str(paths[1]), str(paths[0]), "--model", str(folder)])  # top_k defaults to 5, all classes here
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["file", "rank", "label", "probability"]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 10
+    probabilities = expected_probabilities(model, [paths[1], paths[0]])
+    for row, (file, rank) in zip(rows, [(path, rank) for path in (paths[1], paths[0]) for rank in range(5)]):
+        expected = probabilities[0 if file == paths[1] else 1].sort(descending=True)
+        assert row[:3] == [str(file), str(rank + 1), LABELS[expected.indices[rank].item()]]
+        assert abs(float(row[3]) - expected.values[rank].item()) <= 5e-5
+
+
+def test_selection_maps(saved_model, images, tmp_path, capsys):
+    model, folder = saved_model
+    root, paths = images
+    main([str(root), "--model", str(folder), "--json", "--selection_map", str(tmp_path / "maps" / "picks.png")])
+    results = json.loads(capsys.readouterr().out)
+    written = [tmp_path / "maps" / f"picks_{stem}.png" for stem in ("a", "b", "c")]
+    assert [result["selection_map"] for result in results] == [str(path) for path in written]
+    for path, image in zip(written, paths):
+        expected, _ = selection_map(model, make_image_processor(32, 36), image)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(expected))
+
+    main([str(paths[0]), "--model", str(folder), "--selection_map", str(tmp_path / "one.png")])
+    assert (tmp_path / "one.png").is_file()
+
+
+def test_selection_map_names_keep_repeated_stems_apart(tmp_path):
+    files = [tmp_path / "x" / "1.jpg", tmp_path / "y" / "1.jpg", tmp_path / "2.png"]
+    names = [path.name for path in selection_map_paths(tmp_path / "out.png", files)]
+    assert names == ["out_1.png", "out_1_2.png", "out_2.png"]
+
+
+def test_bad_inputs_are_named_before_anything_runs(images, tmp_path, capsys):
+    _, paths = images
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake.png").write_text("text pretending to be a PNG")
+    bad = [tmp_path / "missing.jpg", tmp_path / "empty", tmp_path / "fake.png"]
+    # The model does not exist either: the inputs are checked before it is loaded.
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(paths[0]), *map(str, bad), "--model", str(tmp_path / "no-model")])
+    message = exit_info.value.code  # a message, not a number: Python prints it, without a traceback, and exits with 1
+    assert isinstance(message, str) and capsys.readouterr().out == ""
+    assert f"{bad[0]}: no such file or folder" in message
+    assert f"{bad[1]}: no images in this folder" in message
+    assert f"{bad[2]}: not a readable image" in message
+    assert str(paths[0]) not in message
+
+
+def test_a_missing_model_is_a_clear_error(images, tmp_path):
+    _, paths = images
+    with pytest.raises(SystemExit, match="cannot load the model"):
+        main([str(paths[0]), "--model", str(tmp_path / "no-model")])
