@@ -193,7 +193,9 @@ class FGVCTransform:
         if self.random:
             top, left = (torch.randint(0, margin + 1, (1,), generator=generator).item() for _ in range(2))
         else:
-            top = left = int(round(margin / 2.0))  # torchvision's CenterCrop rounding (half to even)
+            # Rounded down as the saved DeiTImageProcessor does (torchvision rounds half to even), so that evaluation
+            # in training sees what users of the saved folder see.
+            top = left = margin // 2
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
         if self.jitter:

@@ -135,16 +135,20 @@ def test_datasets_entries_are_read_from_bytes_or_path(tmp_path):
 # ---- transforms ----------------------------------------------------------------------------------------------
 
 
-def test_eval_transform_matches_hand_computation():
+def test_eval_transform_matches_hand_computation_and_the_saved_processor():
+    from modeling_ffvt.image_processor import make_image_processor
+
     image = random_rgb(10, 13)
-    transform = FGVCTransform("cub", image_size=4, resize_size=9, train=False)
-    resized = np.asarray(image.resize((9, 9), Image.BILINEAR), dtype=np.float64) / 255  # square: aspect not kept
-    top = left = 2  # torchvision's CenterCrop: int(round(2.5)) rounds half to even
+    transform = FGVCTransform("cub", image_size=4, resize_size=11, train=False)
+    resized = np.asarray(image.resize((11, 11), Image.BILINEAR), dtype=np.float64) / 255  # square: aspect not kept
+    top = left = 3  # the margin of 7 halved and rounded down, as DeiTImageProcessor does
     crop = resized[top : top + 4, left : left + 4]
     expected = (crop - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
     output = transform(image)
     assert output.dtype == torch.float32 and output.shape == (3, 4, 4)
     np.testing.assert_allclose(output.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+    processed = make_image_processor(4, 11)(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(output, processed, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -1,0 +1,329 @@
+"""train_hf.py end to end: one and two CPU processes, exact resumption, bad data, bf16, the demo, clear errors;
+then its starting points and evaluation transform in process.
+
+Every run is a subprocess, as a user would start it; two processes use the launch that really starts two on CPU.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import PartialState
+from huggingface_hub import ModelCard, metadata_load
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+from conftest import FIXTURES, randomized, tiny_config
+from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.data import FGVCTransform
+from modeling_ffvt.image_processor import make_image_processor
+from train_hf import DEMO_MODEL, ProcessorTransform, load_model, make_digits_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL_MODEL = json.dumps(dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                              patch_size=8, image_size=32, num_token=2))
+
+
+@pytest.fixture(scope="session")
+def environment(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hf_cache")
+    # One thread a process: two torch threads on two busy cores can run forty times slower than one.
+    return {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def train(environment, *args, processes=1):
+    """Runs train_hf.py with `args` (str() of each) and returns the finished process, output in .stdout."""
+    args = [str(arg) for arg in args]
+    if processes == 1:
+        command = [sys.executable, str(REPO / "train_hf.py"), *args]
+    else:
+        # `accelerate launch --cpu --num_processes 2` starts one process; this form starts two.
+        command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--multi_gpu",
+                   "--main_process_port", "0", "--num_processes", str(processes), str(REPO / "train_hf.py"), *args]
+        environment = {**environment, "ACCELERATE_USE_CPU": "true"}
+    return subprocess.run(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
+
+
+def succeeded(run):
+    assert run.returncode == 0, run.stdout[-5000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "data"
+    make_digits_folder(root)
+    return root
+
+
+def save_image(path, image, **options):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+
+
+def random_rgb(seed, size=32):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of small RGB images, a truncated and an empty file, and images in every awkward mode."""
+    root = tmp_path_factory.mktemp("images")
+    for split, count in (("train", 6), ("validation", 2)):
+        for label in ("cat", "dog"):
+            for i in range(count):
+                save_image(root / split / label / f"{i}.png", random_rgb(len(list(root.rglob("*.png")))))
+    truncated = root / "train" / "cat" / "truncated.png"
+    data = (root / "train" / "cat" / "0.png").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = root / "train" / "dog" / "empty.png"
+    empty.write_bytes(b"")
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
+    save_image(root / "train" / "cat" / "grey.png", grey)
+    save_image(root / "train" / "cat" / "rgba.png", random_rgb(1).convert("RGBA"))
+    save_image(root / "train" / "dog" / "cmyk.jpg", random_rgb(2).convert("CMYK"))
+    save_image(root / "train" / "dog" / "palette.png", random_rgb(3).convert("P"))
+    grey16 = np.random.default_rng(4).integers(0, 65536, (32, 32), dtype=np.uint16)
+    save_image(root / "validation" / "dog" / "grey16.png", Image.fromarray(grey16))
+    assert Image.open(root / "validation" / "dog" / "grey16.png").mode.startswith("I")
+    return root, truncated, empty
+
+
+def small_run(folder, output_dir):
+    return ["--train_dir", folder / "train", "--validation_dir", folder / "validation", "--config_name", SMALL_MODEL,
+            "--output_dir", output_dir, "--recipe", "cub", "--resize_size", 36, "--per_device_train_batch_size", 4,
+            "--max_train_steps", 3, "--num_warmup_steps", 1]
+
+
+# ---- the digits at 32 px on two processes ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run(environment, digits, tmp_path_factory):
+    """The README's two-process command: 600 SGD steps of a 4-layer, 64-wide FFVT from scratch."""
+    output_dir = tmp_path_factory.mktemp("digits_run")
+    run = train(environment, "--demo", "--demo_data_dir", digits, "--output_dir", output_dir, "--recipe", "plain",
+                "--resize_size", 32, "--max_train_steps", 600, "--learning_rate", 0.1,
+                "--per_device_train_batch_size", 32, "--with_tracking", "--report_to", "tensorboard", processes=2)
+    return succeeded(run), output_dir
+
+
+def test_two_processes_reach_90_percent_on_the_digits(digits_run):
+    run, output_dir = digits_run
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_accuracy"] >= 0.90, results
+    assert results["train_steps"] == 600 and results["train_samples_per_second"] > 0 and results["peak_memory_mb"] > 0
+    assert "images_per_second" in run.stdout and "peak_memory_mb" in run.stdout
+    assert list(output_dir.glob("ffvt/events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_reloaded_model_and_processor_score_what_all_results_reports(digits_run, digits):
+    _, output_dir = digits_run
+    results = json.loads((output_dir / "all_results.json").read_text())
+    model = AutoModelForImageClassification.from_pretrained(output_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    paths = sorted((digits / "validation").glob("*/*.png"))
+    labels = torch.tensor([model.config.label2id[path.parent.name] for path in paths])
+    images = [Image.open(path).convert("RGB") for path in paths]
+    with torch.no_grad():
+        logits = model(**processor(images, return_tensors="pt")).logits
+    assert len(paths) == 297
+    assert (logits.argmax(-1) == labels).sum().item() / len(paths) == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert loss == pytest.approx(results["eval_loss"], abs=1e-4)
+
+
+# ---- exact resumption ------------------------------------------------------------------------------------------
+
+
+def test_resuming_at_step_20_gives_the_weights_of_40_straight_steps(environment, digits, tmp_path):
+    """Two processes, augmentation and dropout on, 7 steps an epoch: step 20 lies inside the third epoch."""
+    model = json.dumps({**DEMO_MODEL, "hidden_dropout_prob": 0.1})
+    common = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", model,
+              "--recipe", "cub", "--resize_size", 40, "--per_device_train_batch_size", 48, "--max_train_samples", 600,
+              "--max_eval_samples", 64, "--learning_rate", 0.05, "--num_warmup_steps", 5, "--max_train_steps", 40,
+              "--checkpointing_steps", 20]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    succeeded(train(environment, *common, "--output_dir", straight, processes=2))
+    progress = json.loads((straight / "step_20" / "training_progress.json").read_text())
+    assert progress["completed_steps"] == 20 and progress["epoch"] == 2
+    # A stopped run leaves its checkpoints behind; "latest" finds step_20, and more workers change nothing.
+    shutil.copytree(straight / "step_20", resumed / "step_20")
+    run = succeeded(train(environment, *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+                          "--dataloader_num_workers", 1, processes=2))
+    assert "Resumed from" in run.stdout and "at step 20" in run.stdout
+    expected = load_file(straight / "step_40" / "model.safetensors")
+    actual = load_file(resumed / "step_40" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    gap = max((expected[key] - actual[key]).abs().max().item() for key in expected)
+    assert gap <= 1e-5
+
+
+# ---- bad data ---------------------------------------------------------------------------------------------------
+
+
+def test_unreadable_images_stop_the_run_before_step_1_naming_each(environment, image_folder, tmp_path):
+    folder, truncated, empty = image_folder
+    run = train(environment, *small_run(folder, tmp_path))
+    assert run.returncode != 0
+    assert str(truncated) in run.stdout and str(empty) in run.stdout and "--skip_bad_images" in run.stdout
+    assert "Running training" not in run.stdout
+
+
+def test_skip_bad_images_drops_them_and_every_image_mode_trains(environment, image_folder, tmp_path):
+    folder, _, _ = image_folder
+    run = succeeded(train(environment, *small_run(folder, tmp_path), "--skip_bad_images", processes=2))
+    assert "Skipped 2 unreadable images" in run.stdout
+    assert "Num examples = 16 train, 5 validation" in run.stdout  # 12 RGB + grey, RGBA, CMYK, palette; 4 + I;16
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_bf16_on_cpu(environment, digits, tmp_path):
+    run = succeeded(train(environment, "--train_dir", digits / "train", "--validation_dir", digits / "validation",
+                          "--config_name", SMALL_MODEL, "--recipe", "plain", "--resize_size", 32,
+                          "--max_train_steps", 3, "--max_eval_samples", 32, "--mixed_precision", "bf16",
+                          "--output_dir", tmp_path))
+    assert "Mixed precision type: bf16" in run.stdout
+    assert "| mixed precision | bf16 |" in (tmp_path / "README.md").read_text()
+
+
+# ---- the demo ---------------------------------------------------------------------------------------------------
+
+
+def test_demo_writes_a_complete_model_folder(environment, tmp_path):
+    output_dir = tmp_path / "demo_output"
+    succeeded(train(environment, "--demo", "--output_dir", output_dir, "--max_train_steps", 10, "--eval_steps", 5))
+    assert len(list((output_dir / "demo_data" / "train").glob("*/*.png"))) == 1500
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "all_results.json", "README.md"):
+        assert (output_dir / name).exists(), name
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["id2label"] == {str(i): str(i) for i in range(10)} and config["model_type"] == "ffvt"
+    results = json.loads((output_dir / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_top5_accuracy", "eval_mean_per_class_accuracy", "eval_loss", "step",
+                "train_loss", "train_runtime", "train_samples_per_second"):
+        assert key in results, key
+    card = ModelCard.load(output_dir / "README.md")
+    metadata = metadata_load(output_dir / "README.md")
+    assert card.data.library_name == "transformers" and metadata["library_name"] == "transformers"
+    assert {"ffvt", "image-classification", "fine-grained", "vision"} <= set(card.data.tags)
+    top1 = next(result for result in card.data.eval_results if result.metric_name == "Top-1 accuracy")
+    assert top1.metric_value == round(results["eval_accuracy"], 4)
+    assert "trust_remote_code=True" in card.text and "2107.02341" in card.text
+    assert "](selection_map.png)" in card.text
+    with Image.open(output_dir / "selection_map.png") as picture:
+        assert picture.width > 4 * 32  # one panel for each of the 3 selecting layers and the heat map
+
+
+def test_model_card_snippets_run_as_written(environment, tmp_path):
+    """The card names the model by its folder, so from the folder's parent each snippet runs unchanged."""
+    output_dir = tmp_path / "demo_output"
+    succeeded(train(environment, "--demo", "--output_dir", output_dir, "--max_train_steps", 5))
+    card = (output_dir / "README.md").read_text()
+    snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+    assert len(snippets) == 2
+    shutil.copy(next((output_dir / "demo_data" / "validation" / "3").glob("*.png")), tmp_path / "image.jpg")
+    for snippet in snippets:
+        run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=environment, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() in {str(i) for i in range(10)}  # the second snippet prints a class name
+
+
+# ---- clear errors -----------------------------------------------------------------------------------------------
+
+
+def write_integer_labelled_csv(folder):
+    """A data set whose labels are bare integers (0..3), which name no classes."""
+    image = folder / "image.png"
+    save_image(image, random_rgb(0))
+    rows = "".join(f"{image},{label}\n" for label in range(4))
+    (folder / "data").mkdir()
+    (folder / "data" / "train.csv").write_text("image,label\n" + rows)
+    (folder / "data" / "validation.csv").write_text("image,label\n" + rows)
+    model = folder / "two_classes"
+    FFVTForImageClassification(tiny_config(num_labels=2)).save_pretrained(model)
+    return ["--dataset_name", folder / "data", "--model_name_or_path", model]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing folder", "--train_dir {tmp}/nowhere is not a folder"),
+        ("empty folder", "--validation_dir {tmp}/empty holds no files"),
+        ("empty split", "The validation split is empty"),
+        ("labels beyond the head", "Labels [2, 3] are outside the model's 2 classes"),
+    ],
+)
+def test_clear_errors(environment, digits, tmp_path, case, message):
+    data = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", SMALL_MODEL]
+    if case == "missing folder":
+        data[1] = tmp_path / "nowhere"
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        data[3] = tmp_path / "empty"
+    elif case == "empty split":
+        data += ["--max_eval_samples", 0]
+    else:
+        data = write_integer_labelled_csv(tmp_path)
+    run = train(environment, *data, "--output_dir", tmp_path / "out", "--max_train_steps", 2)
+    assert run.returncode != 0
+    assert message.format(tmp=tmp_path) in run.stdout, run.stdout[-3000:]
+    assert "Traceback" not in run.stdout
+
+
+# ---- starting points and evaluation transform (in process) ------------------------------------------------------
+
+
+def model_args(**given):
+    return argparse.Namespace(**{"model_name_or_path": None, "vit_npz": None, "config_name": None, "image_size": None,
+                                 "num_token": None, **given})
+
+
+def test_start_from_npz_vit_or_config_gets_the_datas_classes(tmp_path):
+    names = ["cat", "dog", "owl"]
+    from_npz = load_model(model_args(vit_npz=str(FIXTURES / "vit_tiny.npz"), image_size=56, num_token=4), names, [0])
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    from_vit = load_model(model_args(model_name_or_path=str(tmp_path), num_token=2), names, [0])
+    from_config = load_model(model_args(config_name=json.dumps(DEMO_MODEL)), names, [0])
+    for model in (from_npz, from_vit, from_config):
+        assert model.config.id2label == {0: "cat", 1: "dog", 2: "owl"} and model.config.label2id["owl"] == 2
+        assert model.classifier.out_features == 3
+    assert from_npz.config.image_size == 56 and from_vit.config.num_token == 2 and from_config.config.hidden_size == 64
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["x", "y"], ["a", "b", "c"]], ids=["same", "renamed", "resized"])
+def test_an_ffvt_head_is_kept_only_for_the_same_classes(tmp_path, names):
+    PartialState()  # the replacement warning goes through accelerate's logger
+    config = tiny_config(num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    trained = randomized(FFVTForImageClassification(config))
+    trained.save_pretrained(tmp_path)
+    model = load_model(model_args(model_name_or_path=str(tmp_path)), names, [0])
+    assert model.config.id2label == dict(enumerate(names))
+    torch.testing.assert_close(model.vit.embeddings.cls_token, trained.vit.embeddings.cls_token)
+    if names == ["a", "b"]:
+        torch.testing.assert_close(model.classifier.weight, trained.classifier.weight)
+    else:
+        assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    with pytest.raises(SystemExit, match="trained at 32 px"):
+        load_model(model_args(model_name_or_path=str(tmp_path), image_size=64), names, [0])
+
+
+def test_evaluation_uses_the_saved_processor():
+    """With 39 -> 32 the centre crop starts at 3.5, where torchvision would round to 4: both here floor to 3."""
+    image = random_rgb(0, size=50)
+    processor = make_image_processor(32, 39)
+    expected = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(ProcessorTransform(processor)(image), expected)
+    torch.testing.assert_close(FGVCTransform("plain", 32, 39, train=False)(image), expected, atol=1e-5, rtol=0)
