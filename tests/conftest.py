@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
+from modeling_ffvt.image_processor import make_image_processor
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
@@ -37,6 +38,19 @@ def randomized(model: FFVTForImageClassification, seed: int = 0) -> FFVTForImage
             else:
                 parameter.copy_(noise * (0.5 if parameter.ndim < 2 else parameter.shape[-1] ** -0.5))
     return model.eval()
+
+
+def save_tiny_model(folder, class_names, seed: int = 0) -> FFVTForImageClassification:
+    """A randomized tiny FFVT for `class_names`, saved in `folder` with its image processor (resize 36, crop 32)."""
+    config = tiny_config(
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: index for index, name in enumerate(class_names)},
+    )
+    model = randomized(FFVTForImageClassification(config), seed=seed)
+    model.save_pretrained(folder)
+    make_image_processor(32, 36).save_pretrained(folder)
+    return model
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from conftest import randomized, tiny_config
-from modeling_ffvt import FFVTForImageClassification
+from conftest import save_tiny_model
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -32,14 +31,7 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ffvt-tiny")
-    config = tiny_config(
-        num_labels=len(MODEL_CLASSES),
-        id2label=dict(enumerate(MODEL_CLASSES)),
-        label2id={name: index for index, name in enumerate(MODEL_CLASSES)},
-    )
-    model = randomized(FFVTForImageClassification(config), seed=9)  # 40 % top-1, 75 % top-5 on these digits
-    model.save_pretrained(folder)
-    make_image_processor(32, 36).save_pretrained(folder)
+    model = save_tiny_model(folder, MODEL_CLASSES, seed=9)  # 40 % top-1, 75 % top-5 on these digits
     return model, folder
 
 

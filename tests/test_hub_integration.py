@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
-from conftest import randomized, tiny_config
+from conftest import save_tiny_model
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -26,12 +26,8 @@ def digit_image(index: int = 0) -> Image.Image:
 
 @pytest.fixture
 def saved_folder(tmp_path):
-    config = tiny_config(id2label={i: f"digit_{i}" for i in range(5)}, label2id={f"digit_{i}": i for i in range(5)})
-    model = randomized(FFVTForImageClassification(config))
     folder = tmp_path / "ffvt-tiny"
-    model.save_pretrained(folder)
-    make_image_processor(32, 36).save_pretrained(folder)
-    return model, folder
+    return save_tiny_model(folder, [f"digit_{i}" for i in range(5)]), folder
 
 
 def test_round_trip_keeps_weights_config_and_outputs(saved_folder):

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomized, tiny_config
-from modeling_ffvt import FFVTForImageClassification
+from conftest import save_tiny_model
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.predict import main, selection_map_paths
 from modeling_ffvt.selection_map import selection_map
@@ -18,11 +17,7 @@ LABELS = {i: f"digit_{i}" for i in range(5)}
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ffvt-tiny")
-    config = tiny_config(id2label=LABELS, label2id={label: index for index, label in LABELS.items()})
-    model = randomized(FFVTForImageClassification(config))
-    model.save_pretrained(folder)
-    make_image_processor(32, 36).save_pretrained(folder)
-    return model, folder
+    return save_tiny_model(folder, list(LABELS.values())), folder
 
 
 @pytest.fixture(scope="module")
