@@ -7,6 +7,7 @@ defined here rather than borrowed from transformers' ViT, whose internals change
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -83,6 +84,35 @@ class FFVTPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
+class MaskAndScale(torch.autograd.Function):
+    """`x * mask * scale` for a bool `mask`, keeping the 1-byte mask, not a float copy of it, for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None, None
+
+
+class FFVTDropout(nn.Dropout):
+    """
+    `nn.Dropout`, lighter on CPU. There PyTorch draws the mask with `bernoulli_` into a float tensor and keeps it for
+    the backward pass at 4 bytes per element; this draws it with `torch.rand` (twice as fast) and keeps it as bools.
+    On other devices PyTorch's fused kernel already keeps a bool mask, and it is used as it is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return MaskAndScale.apply(x, keep, 0.0 if self.p == 1 else 1 / (1 - self.p))
+
+
 class FFVTEmbeddings(nn.Module):
     """CLS token followed by the patch embeddings, plus position embeddings."""
 
@@ -94,7 +124,7 @@ class FFVTEmbeddings(nn.Module):
         self.patch_embeddings = FFVTPatchEmbeddings(config)
         num_positions = 1 + self.grid_size[0] * self.grid_size[1]
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FFVTDropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """Position embeddings for a `grid_height` x `grid_width` patch grid, resized bicubically as ViT does."""
@@ -162,6 +192,28 @@ def mutual_attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: flo
     return cls_attends_to_token * token_attends_to_cls
 
 
+def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tensor:
+    """The tokens `indices` (batch, k) of each image of `tokens` (batch, tokens, ...): (batch, k, ...)."""
+    index = indices.view(*indices.shape, *(1,) * (tokens.dim() - 2)).expand(-1, -1, *tokens.shape[2:])
+    return tokens.gather(1, index)
+
+
+OutputRows = Literal["all", "cls", "cls_and_picks"]
+
+
+def keep_rows(tokens: torch.Tensor, rows: OutputRows, picks: torch.LongTensor | None) -> torch.Tensor:
+    """
+    The rows of `tokens` (batch, tokens, ...) a layer computes: all of them, only the CLS token (all a classifier on
+    the CLS token needs of the last layer), or the CLS token followed by the layer's picks (all the layer before the
+    fusion layer needs, when nothing else of it is returned).
+    """
+    if rows == "cls":
+        return tokens[:, :1]
+    if rows == "cls_and_picks":
+        return gather_tokens(tokens, torch.cat([picks.new_zeros(picks.shape[0], 1), picks], dim=1))
+    return tokens
+
+
 class FFVTSelfAttention(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
@@ -189,12 +241,11 @@ class FFVTSelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         output_attentions: bool = False,
         num_token: int = 0,
-        only_picked_rows: bool = False,
+        rows: OutputRows = "all",
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
         """
         Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
-        `num_token` tokens MAWS picks. With `only_picked_rows` the output holds only the CLS row and the picked rows,
-        in that order: all a layer needs to compute when nothing but its picks is used downstream.
+        `num_token` tokens MAWS picks. `rows` says which rows of the output to compute, as in [`keep_rows`].
         """
         batch_size, num_tokens, hidden_size = hidden_states.shape
         heads_shape = (batch_size, num_tokens, self.num_heads, self.head_dim)
@@ -207,9 +258,7 @@ class FFVTSelfAttention(nn.Module):
             # MAWS only ranks tokens, so its scores need no gradient.
             scores = mutual_attention_scores(query.detach(), key.detach(), self.scaling)
             picks = scores.topk(num_token, dim=-1).indices
-        if only_picked_rows:
-            rows = with_cls(picks)[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
-            query = query.gather(2, rows)
+        query = keep_rows(query.transpose(1, 2), rows, picks).transpose(1, 2)
 
         output, probabilities = self.attention_function(output_attentions)(
             self,
@@ -224,23 +273,13 @@ class FFVTSelfAttention(nn.Module):
         return output.reshape(batch_size, query.shape[2], hidden_size), probabilities, picks
 
 
-def with_cls(picks: torch.LongTensor) -> torch.LongTensor:
-    """Token indices (batch, k) with the CLS position prepended: (batch, 1 + k)."""
-    return torch.cat([picks.new_zeros(picks.shape[0], 1), picks], dim=1)
-
-
-def gather_tokens(hidden_states: torch.Tensor, indices: torch.LongTensor) -> torch.Tensor:
-    """The tokens `indices` (batch, k) of each image of `hidden_states` (batch, tokens, hidden): (batch, k, hidden)."""
-    return hidden_states.gather(1, indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
-
-
 class FFVTSelfOutput(nn.Module):
     """Output projection of the attention; its dropout uses the attention dropout rate, as in the original."""
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = FFVTDropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(hidden_states))
@@ -252,8 +291,8 @@ class FFVTAttention(nn.Module):
         self.attention = FFVTSelfAttention(config)
         self.output = FFVTSelfOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, num_token=0, only_picked_rows=False):
-        output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, only_picked_rows)
+    def forward(self, hidden_states, output_attentions=False, num_token=0, rows: OutputRows = "all"):
+        output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, rows)
         return self.output(output), probabilities, picks
 
 
@@ -268,7 +307,7 @@ class FFVTIntermediate(nn.Module):
         super().__init__()
         self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FFVTDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.activation(self.dense(hidden_states)))
@@ -280,7 +319,7 @@ class FFVTOutput(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = FFVTDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(hidden_states))
@@ -297,15 +336,12 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.intermediate = FFVTIntermediate(config)
         self.output = FFVTOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, num_token=0, only_picked_rows=False):
-        """`num_token` and `only_picked_rows` as in [`FFVTSelfAttention.forward`]; returns (output, probabilities,
-        picks)."""
+    def forward(self, hidden_states, output_attentions=False, num_token=0, rows: OutputRows = "all"):
+        """`num_token` and `rows` as in [`FFVTSelfAttention.forward`]; returns (output, probabilities, picks)."""
         attended, probabilities, picks = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, num_token, only_picked_rows
+            self.layernorm_before(hidden_states), output_attentions, num_token, rows
         )
-        if only_picked_rows:
-            hidden_states = gather_tokens(hidden_states, with_cls(picks))
-        hidden_states = hidden_states + attended
+        hidden_states = keep_rows(hidden_states, rows, picks) + attended
         hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
         return hidden_states, probabilities, picks
 
@@ -323,7 +359,13 @@ class FFVTEncoder(nn.Module):
         self.layer = nn.ModuleList(FFVTLayer(config) for _ in range(num_plain_layers))
         self.fusion_layer = FFVTLayer(config) if config.feature_fusion else None
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        cls_token_only: bool = False,
+    ):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         fusing = self.fusion_layer is not None
@@ -332,18 +374,22 @@ class FFVTEncoder(nn.Module):
                 f"num_token={self.num_token} is more than the {hidden_states.shape[1]} tokens of a layer at this image "
                 "size: use larger images or a model with a smaller num_token."
             )
-        # The last layer before the fusion layer is only needed at its CLS token and its picks, unless the caller
-        # asks for every layer's full output.
-        last_layer_rows_only = fusing and not output_hidden_states and not output_attentions
+        # Unless every layer's full output is returned, the last plain layer is needed only at its CLS token and its
+        # picks (with fusion), and the final layer only at its CLS token when that is all the caller reads.
+        pruning = not output_hidden_states and not output_attentions
+        final_rows = "cls" if pruning and cls_token_only else "all"
+        last_plain_rows = ("cls_and_picks" if pruning else "all") if fusing else final_rows
         selected_token_indices, selected_tokens = [], []
         for index, layer in enumerate(self.layer):
-            only_picked_rows = last_layer_rows_only and index == len(self.layer) - 1
+            rows = last_plain_rows if index == len(self.layer) - 1 else "all"
             hidden_states, probabilities, picks = layer(
-                hidden_states, output_attentions, self.num_token if fusing else 0, only_picked_rows
+                hidden_states, output_attentions, self.num_token if fusing else 0, rows
             )
             if fusing:
                 selected_token_indices.append(picks)
-                selected_tokens.append(hidden_states[:, 1:] if only_picked_rows else gather_tokens(hidden_states, picks))
+                selected_tokens.append(
+                    hidden_states[:, 1:] if rows == "cls_and_picks" else gather_tokens(hidden_states, picks)
+                )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -351,7 +397,7 @@ class FFVTEncoder(nn.Module):
 
         if fusing:
             fusion_input = torch.cat([hidden_states[:, :1], *selected_tokens], dim=1)
-            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions)
+            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions, 0, final_rows)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -437,6 +483,7 @@ class FFVTModel(FFVTPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        cls_token_only: bool = False,
         **kwargs,
     ) -> FFVTModelOutput | tuple:
         r"""
@@ -451,6 +498,9 @@ class FFVTModel(FFVTPreTrainedModel):
                 Resize the position embeddings to the input's patch grid instead of requiring `config.image_size`.
             return_dict (`bool`, *optional*):
                 Return an [`FFVTModelOutput`] rather than a tuple.
+            cls_token_only (`bool`, *optional*, defaults to `False`):
+                Compute the last layer at the CLS token only, so that `last_hidden_state` has one token: all a
+                classifier on the CLS token reads. Has no effect when hidden states or attentions are returned.
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required: pass a (batch_size, channels, height, width) tensor.")
@@ -462,7 +512,7 @@ class FFVTModel(FFVTPreTrainedModel):
 
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
         hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
-            embeddings, output_attentions, output_hidden_states
+            embeddings, output_attentions, output_hidden_states, cls_token_only
         )
         final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
         output = FFVTModelOutput(
@@ -544,6 +594,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
+            cls_token_only=True,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = None

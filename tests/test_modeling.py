@@ -1,10 +1,13 @@
 """Behaviour of the model beyond parity with the original: MAWS, attention backends, sizes, errors, training aids."""
 
+import math
+
 import pytest
 import torch
 
 from conftest import randomized, tiny_config
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
+from modeling_ffvt.modeling_ffvt import FFVTDropout
 
 
 def reference_maws_picks(attention_logits: torch.Tensor, num_token: int) -> torch.Tensor:
@@ -158,13 +161,15 @@ def test_fresh_model_is_initialised_as_the_original():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    config = tiny_config(hidden_dropout_prob=0.0)
+    """With dropout on: the recomputed forward must draw the same dropout masks as the first one."""
+    config = tiny_config(hidden_dropout_prob=0.3)
     reference = randomized(FFVTForImageClassification(config)).train()
     checkpointed = randomized(FFVTForImageClassification(config)).train()
     checkpointed.gradient_checkpointing_enable()
     assert checkpointed.is_gradient_checkpointing
     pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
     for model in (reference, checkpointed):
+        torch.manual_seed(0)
         model(pixel_values, labels=labels).loss.backward()
     for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
@@ -214,18 +219,67 @@ def test_base_model_output(tiny_model):
     assert base.get_input_embeddings() is base.embeddings.patch_embeddings
 
 
-def test_last_layer_rows_only_path_equals_the_full_path(tiny_model):
-    """Without hidden states or attentions asked for, the layer before the fusion layer computes only the rows used."""
+@pytest.mark.parametrize("feature_fusion", [True, False])
+def test_pruned_rows_equal_the_full_path_in_training(feature_fusion):
+    """
+    Without hidden states or attentions asked for, the classifier computes the layer before the fusion layer only at
+    its CLS token and picks, and the last layer only at its CLS token: same logits, loss and gradients. (Dropout is off
+    because the pruned rows draw smaller masks.)
+    """
+    config = tiny_config(feature_fusion=feature_fusion, hidden_dropout_prob=0.0)
+    model = randomized(FFVTForImageClassification(config)).train()
     pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
-    tiny_model.config.hidden_dropout_prob = 0.0
-    pruned = tiny_model(pixel_values, labels=labels)
-    full = tiny_model(pixel_values, labels=labels, output_hidden_states=True)
+    outputs, gradients = [], []
+    for output_hidden_states in (False, True):
+        model.zero_grad()
+        output = model(pixel_values, labels=labels, output_hidden_states=output_hidden_states)
+        output.loss.backward()
+        outputs.append(output)
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    pruned, full = outputs
     torch.testing.assert_close(pruned.logits, full.logits)
     assert all(torch.equal(a, b) for a, b in zip(pruned.selected_token_indices, full.selected_token_indices))
-    gradients = []
-    for output in (pruned, full):
-        tiny_model.zero_grad()
-        output.loss.backward()
-        gradients.append([p.grad.clone() for p in tiny_model.parameters()])
-    for a, b in zip(*gradients):
-        torch.testing.assert_close(a, b)
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], msg=name)
+
+
+def test_base_model_cls_token_only(tiny_model):
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = tiny_model.vit(pixel_values).last_hidden_state
+        cls_only = tiny_model.vit(pixel_values, cls_token_only=True).last_hidden_state
+        cls_only_ignored = tiny_model.vit(pixel_values, cls_token_only=True, output_attentions=True).last_hidden_state
+    assert full.shape == (2, 10, 32) and cls_only.shape == (2, 1, 32)
+    torch.testing.assert_close(cls_only, full[:, :1])
+    torch.testing.assert_close(cls_only_ignored, full)
+
+
+def kept_for_backward(function, *inputs):
+    """function(*inputs) and the tensors autograd keeps for its backward pass."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: kept.append(tensor) or tensor, lambda tensor: tensor):
+        output = function(*inputs)
+    return output, kept
+
+
+def test_cpu_dropout_drops_at_rate_p_and_keeps_a_bool_mask():
+    p, x = 0.1, torch.randn(400, 500, requires_grad=True)
+    output, kept_tensors = kept_for_backward(FFVTDropout(p).train(), x)
+    survived = output != 0
+    torch.testing.assert_close(output[survived], x[survived] / (1 - p))
+    dropped, n = (~survived).sum().item(), x.numel()
+    assert abs(dropped - p * n) < 5 * math.sqrt(n * p * (1 - p))
+    assert not torch.equal(survived[0], survived[1])
+    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.bool, x.shape)]
+    output.backward(torch.ones_like(output))
+    torch.testing.assert_close(x.grad, survived / (1 - p))
+
+
+def test_dropout_edge_rates_and_eval_mode():
+    x = torch.randn(4, 8, requires_grad=True)
+    assert torch.equal(FFVTDropout(0.5).eval()(x), x)
+    assert torch.equal(FFVTDropout(0.0).train()(x), x)
+    everything_dropped = FFVTDropout(1.0).train()(x)
+    assert torch.equal(everything_dropped, torch.zeros_like(x))
+    everything_dropped.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
