@@ -91,12 +91,12 @@ class DropAndScale(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(drop)
         ctx.scale = scale
-        return x.masked_fill(drop, 0).mul_(scale)
+        return torch.where(drop, 0, x).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
+        return torch.where(drop, 0, grad).mul_(ctx.scale), None, None
 
 
 class FFVTDropout(nn.Dropout):
@@ -191,8 +191,9 @@ def mutual_attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: flo
     over keys of the CLS row), and the token's share of all queries' attention to the CLS key (softmax over queries of
     the CLS column). Only that row and that column of the attention logits are computed: O(tokens x head_dim) work.
     """
-    cls_row = torch.matmul(query[:, :, :1], key.transpose(-1, -2)).squeeze(2) * scaling
-    cls_column = torch.matmul(query, key[:, :, :1].transpose(-1, -2)).squeeze(3) * scaling
+    # Products summed over head_dim rather than matmuls, which would first copy the strided key or query.
+    cls_row = (key * query[:, :, :1]).sum(-1) * scaling
+    cls_column = (query * key[:, :, :1]).sum(-1) * scaling
     cls_attends_to_token = cls_row.float().softmax(dim=-1).mean(dim=1)
     token_attends_to_cls = cls_column.float().softmax(dim=-1).mean(dim=1)
     return cls_attends_to_token * token_attends_to_cls
