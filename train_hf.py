@@ -552,7 +552,8 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
     )

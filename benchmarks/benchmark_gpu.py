@@ -20,7 +20,8 @@ For each image size (448 first, then 224 and 384 by default) and dtype:
 
 The FLOP ceiling: the forward FLOPs each contender executes are counted analytically (matmuls and convolution, 2
 FLOPs per multiply-add; a training step is 3x the forward): ViT's 12 layers, the original's 11 full layers and fusion
-layer, the port's with its last layer before fusion reduced to the CLS row and the picks. With ``--peak_tflops``
+layer, the port's with its last layer before fusion reduced to the CLS row and the picks and its fusion layer to the
+CLS row. With ``--peak_tflops``
 (or a known device) the script reports the throughput the device's dense fp16/bf16 peak would give and the
 fraction of it achieved.
 ``--flops_only`` prints the FLOP counts (and, with ``--verify_flops``, checks them against
@@ -73,15 +74,16 @@ def layer_flops(tokens: int, maws: bool = False, rows: int | None = None) -> int
     """
     Forward FLOPs of one pre-norm transformer layer on `tokens` tokens (per image). With `rows`, only those rows go
     through the queries' attention, the output projection and the MLP (keys, values and, for MAWS, queries are still
-    computed for every token).
+    computed for every token). MAWS's scores are elementwise products, not matmuls, and are not counted (2 x 2 x
+    tokens x hidden, under 0.1 % of a layer).
     """
     rows = tokens if rows is None else rows
-    query_rows = tokens if maws else rows
+    # MAWS needs every token's query (without gradient); a layer keeping fewer rows computes theirs again, with it.
+    query_rows = tokens + (rows if rows < tokens else 0) if maws else rows
     projections = 2 * HIDDEN * HIDDEN * (2 * tokens + query_rows + rows)  # k, v; q; output projection
     mlp = 2 * rows * 2 * HIDDEN * MLP
     attention = 2 * 2 * rows * tokens * HIDDEN  # QK^T and PV over all heads
-    scores = 2 * 2 * tokens * HIDDEN if maws else 0  # MAWS: the CLS row and the CLS column of the logits
-    return projections + mlp + attention + scores
+    return projections + mlp + attention
 
 
 def forward_flops(model: str, image_size: int) -> int:
@@ -89,7 +91,8 @@ def forward_flops(model: str, image_size: int) -> int:
     Analytic forward FLOPs per image (matmuls and the patch convolution, 2 per multiply-add). `model`:
     "vit" (12 full layers); "ffvt_full", FFVT as the paper and the original compute it (11 full layers and the fusion
     layer on 1 + 11 x 12 tokens); "ffvt_port", what this port computes when only the logits are asked for (its last
-    layer before fusion runs queries, output projection and MLP on the CLS row and the 12 picks only).
+    layer before fusion runs queries, output projection and MLP on the CLS row and the 12 picks only, and its fusion
+    layer on the CLS row only).
     """
     patches = (image_size // PATCH) ** 2
     tokens = 1 + patches
@@ -98,12 +101,12 @@ def forward_flops(model: str, image_size: int) -> int:
     if model == "vit":
         return flops + LAYERS * layer_flops(tokens)
     fusion_tokens = 1 + (LAYERS - 1) * NUM_TOKEN
-    flops += layer_flops(fusion_tokens)
     if model == "ffvt_full":  # MAWS reads the full attention matrices: no matmul of its own
-        return flops + (LAYERS - 1) * layer_flops(tokens)
+        return flops + (LAYERS - 1) * layer_flops(tokens) + layer_flops(fusion_tokens)
     if model == "ffvt_port":
         last = layer_flops(tokens, maws=True, rows=1 + NUM_TOKEN)
-        return flops + (LAYERS - 2) * layer_flops(tokens, maws=True) + last
+        fusion = layer_flops(fusion_tokens, rows=1)
+        return flops + (LAYERS - 2) * layer_flops(tokens, maws=True) + last + fusion
     raise ValueError(model)
 
 
