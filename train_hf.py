@@ -410,6 +410,8 @@ def latest_checkpoint(output_dir):
 
 def save_model(accelerator, model, processor, output_dir):
     state_dict = accelerator.get_state_dict(model)  # gathers the full weights under FSDP
+    # Under accelerate's --dynamo_backend the model is compiled, and its state dict names every tensor "_orig_mod.*".
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     accelerator.unwrap_model(model).save_pretrained(
         output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict
     )

@@ -198,6 +198,18 @@ def test_bf16_on_cpu(environment, digits, tmp_path):
     assert "| mixed precision | bf16 |" in (tmp_path / "README.md").read_text()
 
 
+def test_a_compiled_run_saves_a_folder_that_loads_whole(environment, digits, tmp_path):
+    """`accelerate launch --dynamo_backend ...` compiles the prepared model, whose state dict prefixes every name."""
+    run = succeeded(train({**environment, "ACCELERATE_DYNAMO_BACKEND": "EAGER"}, "--train_dir", digits / "train",
+                          "--validation_dir", digits / "validation", "--config_name", SMALL_MODEL, "--recipe", "plain",
+                          "--resize_size", 32, "--max_train_steps", 3, "--max_eval_samples", 32,
+                          "--output_dir", tmp_path))
+    model, loading = AutoModelForImageClassification.from_pretrained(tmp_path, trust_remote_code=True,
+                                                                     output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    assert model.classifier.weight.abs().sum() > 0  # trained, not the fresh zero head
+
+
 # ---- the demo ---------------------------------------------------------------------------------------------------
 
 
