@@ -447,7 +447,15 @@ def report(results, args) -> str:
             parts.append(
                 table(
                     ratio_rows,
-                    ["ratio", "forward", "train step", "peak RSS rise", "peak tensor", "fwd CPU time", "step CPU time"],
+                    [
+                        "ratio",
+                        "forward best (per-round median)",
+                        "train step best (per-round median)",
+                        "peak RSS rise",
+                        "peak tensor",
+                        "fwd CPU time",
+                        "step CPU time",
+                    ],
                 )
             )
     target_rows = target_check(results)
@@ -459,10 +467,16 @@ def report(results, args) -> str:
     return "\n\n".join(parts)
 
 
+def per_round_median_ratio(port, reference, key):
+    """Median over rounds of the port's time over the reference's in the same round, where they ran back to back:
+    steadier than the ratio of the bests when the machine's speed drifts during the run."""
+    return statistics.median(a / b for a, b in zip(port[f"{key}_samples_s"], reference[f"{key}_samples_s"]))
+
+
 def ratios(port, reference):
     cells = [
-        f"{port['forward_s'] / reference['forward_s']:.3f}",
-        f"{port['train_step_s'] / reference['train_step_s']:.3f}",
+        f"{port[f'{key}_s'] / reference[f'{key}_s']:.3f} ({per_round_median_ratio(port, reference, key):.3f})"
+        for key in ("forward", "train_step")
     ]
     for key in ("train_peak_rss_increase_mib", "train_peak_tensor_mib"):
         if "memory" in port and "memory" in reference:
