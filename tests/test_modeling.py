@@ -1,13 +1,14 @@
 """Behaviour of the model beyond parity with the original: MAWS, attention backends, sizes, errors, training aids."""
 
 import math
+import weakref
 
 import pytest
 import torch
 
 from conftest import randomized, tiny_config
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
-from modeling_ffvt.modeling_ffvt import FFVTDropout
+from modeling_ffvt.modeling_ffvt import FFVTDropout, FFVTLayer
 
 
 def reference_maws_picks(attention_logits: torch.Tensor, num_token: int) -> torch.Tensor:
@@ -263,7 +264,7 @@ def kept_for_backward(function, *inputs):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])
-def test_cpu_dropout_drops_at_rate_p_and_keeps_a_bool_mask(p):
+def test_cpu_dropout_drops_at_rate_p_and_keeps_a_byte_mask(p):
     x = torch.randn(400, 500, requires_grad=True)
     output, kept_tensors = kept_for_backward(FFVTDropout(p).train(), x)
     survived = output != 0
@@ -272,7 +273,7 @@ def test_cpu_dropout_drops_at_rate_p_and_keeps_a_bool_mask(p):
     dropped, n = (~survived).sum().item(), x.numel()
     assert abs(dropped - p * n) < 5 * math.sqrt(n * p * (1 - p))
     assert not torch.equal(survived[0], survived[1])
-    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.bool, x.shape)]
+    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.uint8, x.shape)]
     output.backward(torch.ones_like(output))
     torch.testing.assert_close(x.grad, survived / (1 - p_used))
 
@@ -285,3 +286,61 @@ def test_dropout_edge_rates_and_eval_mode():
     assert torch.equal(everything_dropped, torch.zeros_like(x))
     everything_dropped.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def plain_feed_forward(layer, hidden_states):
+    return layer.output(layer.intermediate(hidden_states))
+
+
+class LowRankAdapted(torch.nn.Module):
+    """A linear layer plus a low-rank update (as LoRA wraps one): two layers keep the same input for backward."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapted):
+    """
+    In CPU training the MLP does not keep the dropped activation for backward but recomputes it: the loss and every
+    gradient equal those of the plain composition, which draws the same masks from the same seed.
+    """
+    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
+    if adapted:
+        for layer in (*model.vit.encoder.layer, model.vit.encoder.fusion_layer):
+            layer.output.dense = LowRankAdapted(layer.output.dense)
+    pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+
+    def loss_and_gradients():
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, gradients = loss_and_gradients()
+    monkeypatch.setattr(FFVTLayer, "feed_forward", plain_feed_forward)
+    plain_loss, plain_gradients = loss_and_gradients()
+    assert torch.equal(loss, plain_loss)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, plain_gradients[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mlp_activation_is_freed_after_forward_only_in_cpu_training(training):
+    """What the memory saving rests on: nothing keeps the second linear layer's input alive once the forward ends."""
+    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.1))).train(training)
+    inputs_seen = []
+    for layer in model.vit.encoder.layer:
+        layer.output.dense.register_forward_pre_hook(lambda module, args: inputs_seen.append(weakref.ref(args[0])))
+    output = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
+    alive = [ref() is not None for ref in inputs_seen]
+    # Without dropout in play (eval mode) the activation is kept as usual: the check itself can see a kept tensor.
+    assert alive == [not training] * len(model.vit.encoder.layer)
+    output.loss.backward()
