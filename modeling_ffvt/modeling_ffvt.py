@@ -86,30 +86,25 @@ class FFVTPatchEmbeddings(nn.Module):
 
 
 class DropAndScale(torch.autograd.Function):
-    """Multiplies `x` by `keep` (0 or 1, as uint8) and by `scale`, keeping only the 1-byte mask for the backward pass."""
+    """Zeroes `x` where `drop` is set and scales the rest, keeping only the 1-byte mask for the backward pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(drop)
         ctx.scale = scale
-        return masked_scale(x, keep, scale)
+        return torch.where(drop, 0, x).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return masked_scale(grad, keep, ctx.scale), None, None
-
-
-def masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    # On CPU, in isolation, a product with the uint8 mask takes half the time of torch.where on a bool mask.
-    return x.mul(keep).mul_(scale)
+        (drop,) = ctx.saved_tensors
+        return torch.where(drop, 0, grad).mul_(ctx.scale), None, None
 
 
 class FFVTDropout(nn.Dropout):
     """
     `nn.Dropout`, faster and lighter on CPU. There PyTorch's dropout draws a 32-bit random number per element and
     keeps a float mask for the backward pass (4 bytes per element). This one gives each element 16 random bits, four
-    elements to one draw of the generator, and keeps the mask as bytes. The drop probability is therefore `p` rounded
+    elements to one draw of the generator, and keeps the mask as bools. The drop probability is therefore `p` rounded
     to a multiple of 2**-16 (0.1 becomes 0.100006), and the kept elements are scaled by the inverse of the keep
     probability actually used, so expectations stay exact. On other devices PyTorch's fused kernel already keeps a
     bool mask, and `nn.Dropout` runs as it is.
@@ -119,12 +114,12 @@ class FFVTDropout(nn.Dropout):
         return self.training and self.p > 0 and x.device.type == "cpu"
 
     def draw_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """A fresh mask for `x` (uint8, 1 where kept) and the scale of the kept elements."""
+        """A fresh mask for `x`, True where an element is dropped, and the scale of the kept elements."""
         drop_levels = round(self.p * 2**16)
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drop_levels - 2**15
+        drop = words.view(torch.int16)[: x.numel()].view(x.shape) < drop_levels - 2**15
         keep_levels = 2**16 - drop_levels
-        return keep.view(torch.uint8), 2**16 / keep_levels if keep_levels else 0.0
+        return drop, 2**16 / keep_levels if keep_levels else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.draws_own_mask(x):
@@ -414,10 +409,10 @@ class FFVTLayer(GradientCheckpointingLayer):
         ):
             return self.output(self.intermediate(hidden_states))
         pre_activation = dense(hidden_states)
-        keep, scale = dropout.draw_mask(pre_activation)
+        drop, scale = dropout.draw_mask(pre_activation)
 
         def activate():
-            return DropAndScale.apply(activation(pre_activation), keep, scale)
+            return DropAndScale.apply(activation(pre_activation), drop, scale)
 
         activated = activate()
         with RecomputedForBackward(activated, activate):

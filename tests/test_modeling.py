@@ -264,7 +264,7 @@ def kept_for_backward(function, *inputs):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])
-def test_cpu_dropout_drops_at_rate_p_and_keeps_a_byte_mask(p):
+def test_cpu_dropout_drops_at_rate_p_and_keeps_a_bool_mask(p):
     x = torch.randn(400, 500, requires_grad=True)
     output, kept_tensors = kept_for_backward(FFVTDropout(p).train(), x)
     survived = output != 0
@@ -273,7 +273,7 @@ def test_cpu_dropout_drops_at_rate_p_and_keeps_a_byte_mask(p):
     dropped, n = (~survived).sum().item(), x.numel()
     assert abs(dropped - p * n) < 5 * math.sqrt(n * p * (1 - p))
     assert not torch.equal(survived[0], survived[1])
-    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.uint8, x.shape)]
+    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.bool, x.shape)]
     output.backward(torch.ones_like(output))
     torch.testing.assert_close(x.grad, survived / (1 - p_used))
 
