@@ -17,6 +17,9 @@ Measured per image size:
 - peak memory of a training step, each contender in a fresh subprocess (see ``measure_memory``): the rise of the
   resident set size (RSS) during one training step over the RSS just before it, and, as a check that does not
   depend on the C allocator, the peak of live tensor bytes during the step from the profiler's allocation events.
+  The RSS rise of the same step varies by up to 20 % from one fresh process to the next (glibc keeps freed blocks
+  resident depending on the order of allocations), so it is measured ``--memory_repeats`` times, contenders
+  interleaved; the best (lowest) and the median are reported. The tensor peak does not vary.
 
 Timings are taken in one process with the contenders interleaved: every round runs each contender once (the order
 rotates from round to round) and the figure kept is the best of the rounds, which is the least disturbed by other
@@ -357,6 +360,13 @@ def measure_memory(name, image_size, batch_size, original_path, seed, threads):
     raise RuntimeError(f"memory worker for {name} at {image_size} px failed:\n{completed.stdout}\n{completed.stderr}")
 
 
+def summarize_memory(runs: list[dict]) -> dict:
+    """The run with the lowest RSS rise, with every run's RSS rise and their median."""
+    rises = [run["train_peak_rss_increase_mib"] for run in runs]
+    best = min(runs, key=lambda run: run["train_peak_rss_increase_mib"])
+    return {**best, "train_peak_rss_increase_samples_mib": rises, "train_peak_rss_increase_median_mib": statistics.median(rises)}
+
+
 # --------------------------------------------------------------------------------------------------- report
 
 
@@ -423,7 +433,9 @@ def report(results, args) -> str:
                     f"{figures['train_images_per_s']:.2f}",
                     f"{figures['forward_cpu_s'] * 1000:.0f} / {figures['train_step_cpu_s'] * 1000:.0f}",
                     f"{figures['forward_load_at_best']:.2f} / {figures['train_step_load_at_best']:.2f}",
-                    f"{memory['train_peak_rss_increase_mib']:.0f}" if memory else "-",
+                    f"{memory['train_peak_rss_increase_mib']:.0f} ({memory['train_peak_rss_increase_median_mib']:.0f})"
+                    if memory
+                    else "-",
                     f"{memory['train_peak_tensor_mib']:.0f}" if memory else "-",
                 ]
             )
@@ -434,7 +446,7 @@ def report(results, args) -> str:
             "train img/s",
             "CPU ms fwd / step (best)",
             "others' load at best fwd / step",
-            "step peak RSS rise MiB",
+            "step peak RSS rise MiB best (median)",
             "step peak tensor MiB",
         ]
         parts.append(f"### {size} px, batch {args.batch_size}\n\n" + table(rows, headers))
@@ -451,7 +463,7 @@ def report(results, args) -> str:
                         "ratio",
                         "forward best (per-round median)",
                         "train step best (per-round median)",
-                        "peak RSS rise",
+                        "peak RSS rise best (per-round median)",
                         "peak tensor",
                         "fwd CPU time",
                         "step CPU time",
@@ -467,22 +479,28 @@ def report(results, args) -> str:
     return "\n\n".join(parts)
 
 
-def per_round_median_ratio(port, reference, key):
-    """Median over rounds of the port's time over the reference's in the same round, where they ran back to back:
+def per_round_median_ratio(port_samples, reference_samples):
+    """Median over rounds of the port's figure over the reference's in the same round, where they ran back to back:
     steadier than the ratio of the bests when the machine's speed drifts during the run."""
-    return statistics.median(a / b for a, b in zip(port[f"{key}_samples_s"], reference[f"{key}_samples_s"]))
+    return statistics.median(a / b for a, b in zip(port_samples, reference_samples))
 
 
 def ratios(port, reference):
     cells = [
-        f"{port[f'{key}_s'] / reference[f'{key}_s']:.3f} ({per_round_median_ratio(port, reference, key):.3f})"
+        f"{port[f'{key}_s'] / reference[f'{key}_s']:.3f} "
+        f"({per_round_median_ratio(port[f'{key}_samples_s'], reference[f'{key}_samples_s']):.3f})"
         for key in ("forward", "train_step")
     ]
-    for key in ("train_peak_rss_increase_mib", "train_peak_tensor_mib"):
-        if "memory" in port and "memory" in reference:
-            cells.append(f"{port['memory'][key] / reference['memory'][key]:.3f}")
-        else:
-            cells.append("-")
+    if "memory" in port and "memory" in reference:
+        port_memory, reference_memory = port["memory"], reference["memory"]
+        rise_ratio = port_memory["train_peak_rss_increase_mib"] / reference_memory["train_peak_rss_increase_mib"]
+        rise_median = per_round_median_ratio(
+            port_memory["train_peak_rss_increase_samples_mib"], reference_memory["train_peak_rss_increase_samples_mib"]
+        )
+        cells.append(f"{rise_ratio:.3f} ({rise_median:.3f})")
+        cells.append(f"{port_memory['train_peak_tensor_mib'] / reference_memory['train_peak_tensor_mib']:.3f}")
+    else:
+        cells += ["-", "-"]
     cells.append(f"{port['forward_cpu_s'] / reference['forward_cpu_s']:.3f}")
     cells.append(f"{port['train_step_cpu_s'] / reference['train_step_cpu_s']:.3f}")
     return cells
@@ -540,6 +558,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--skip_memory", action="store_true", help="timings only")
+    parser.add_argument(
+        "--memory_repeats",
+        type=int,
+        default=3,
+        help="fresh-process memory measurements per contender and size, interleaved (default 3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default=None, help="write all figures (and every sample) to this file")
     parser.add_argument("--_memory_worker", default=None, help=argparse.SUPPRESS)
@@ -582,15 +606,19 @@ def main(argv=None):
             names, image_size, args.batch_size, rounds, args.original_path, args.seed, log, args.quiet_wait
         )
         if not args.skip_memory:
-            for name in names:
-                memory = measure_memory(
-                    name, image_size, args.batch_size, args.original_path, args.seed, args.threads
-                )
-                results[image_size][name]["memory"] = memory
-                log(
-                    f"  memory {name}: step peak RSS rise {memory['train_peak_rss_increase_mib']:.0f} MiB, "
-                    f"peak tensor {memory['train_peak_tensor_mib']:.0f} MiB ({memory['method']})"
-                )
+            samples = {name: [] for name in names}
+            for _ in range(args.memory_repeats):
+                for name in names:
+                    memory = measure_memory(
+                        name, image_size, args.batch_size, args.original_path, args.seed, args.threads
+                    )
+                    samples[name].append(memory)
+                    log(
+                        f"  memory {name}: step peak RSS rise {memory['train_peak_rss_increase_mib']:.0f} MiB, "
+                        f"peak tensor {memory['train_peak_tensor_mib']:.0f} MiB ({memory['method']})"
+                    )
+            for name, runs in samples.items():
+                results[image_size][name]["memory"] = summarize_memory(runs)
     info["total_seconds"] = time.perf_counter() - started
     text = report(results, args)
     print("\n" + text)
