@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from conftest import randomized, tiny_config
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
@@ -344,3 +345,27 @@ def test_mlp_activation_is_freed_after_forward_only_in_cpu_training(training):
     # Without dropout in play (eval mode) the activation is kept as usual: the check itself can see a kept tensor.
     assert alive == [not training] * len(model.vit.encoder.layer)
     output.loss.backward()
+
+
+def test_recomputed_mlp_activation_inside_a_callers_checkpoint():
+    """A caller's own non-reentrant checkpoint (saved-tensor hooks around ours) still gives the same gradients."""
+    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
+    pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+
+    def loss_and_gradients(checkpointed: bool):
+        model.zero_grad()
+        torch.manual_seed(0)
+        if checkpointed:
+            hidden_states = checkpoint(model.vit, pixel_values, use_reentrant=False).last_hidden_state
+        else:
+            hidden_states = model.vit(pixel_values).last_hidden_state
+        loss = model.classifier(hidden_states[:, 0]).logsumexp(-1).sum()
+        loss.backward()
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    loss, gradients = loss_and_gradients(False)
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(True)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    assert gradients.keys() == checkpointed_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=0, atol=0, msg=name)
