@@ -364,7 +364,11 @@ def summarize_memory(runs: list[dict]) -> dict:
     """The run with the lowest RSS rise, with every run's RSS rise and their median."""
     rises = [run["train_peak_rss_increase_mib"] for run in runs]
     best = min(runs, key=lambda run: run["train_peak_rss_increase_mib"])
-    return {**best, "train_peak_rss_increase_samples_mib": rises, "train_peak_rss_increase_median_mib": statistics.median(rises)}
+    return {
+        **best,
+        "train_peak_rss_increase_samples_mib": rises,
+        "train_peak_rss_increase_median_mib": statistics.median(rises),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- report

@@ -396,9 +396,9 @@ class FFVTLayer(GradientCheckpointingLayer):
         The MLP. Where the dropout draws its own mask (training on CPU), the dropped activation that the second linear
         layer would keep for the backward pass, the largest tensor of the layer at 4 bytes an element, is not kept
         but recomputed in the backward pass from the first linear layer's output and the mask, which the backward
-        passes of GELU and of the dropout keep anyway: a sixth less memory for a training step at 448 px, for one
-        more GELU per layer. Compiled graphs and checkpointed layers plan their own recomputation: they take the plain
-        path.
+        passes of GELU and of the dropout keep anyway: a fifth less tensor memory for a training step at 448 px,
+        for one more GELU per layer. Compiled graphs and checkpointed layers plan their own recomputation: they take
+        the plain path.
         """
         dense, activation, dropout = self.intermediate.dense, self.intermediate.activation, self.intermediate.dropout
         if (
