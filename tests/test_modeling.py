@@ -306,11 +306,11 @@ class LowRankAdapted(torch.nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-@pytest.mark.parametrize("adapted", [False, True])
-def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapted):
+@pytest.mark.parametrize("adapted, autocast", [(False, False), (True, False), (False, True)])
+def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapted, autocast):
     """
-    In CPU training the MLP does not keep the dropped activation for backward but recomputes it: the loss and every
-    gradient equal those of the plain composition, which draws the same masks from the same seed.
+    In CPU training the MLP does not keep the dropped activation for backward but recomputes it (outside autocast):
+    the loss and every gradient equal those of the plain composition, which draws the same masks from the same seed.
     """
     model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
     if adapted:
@@ -321,7 +321,8 @@ def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapte
     def loss_and_gradients():
         model.zero_grad()
         torch.manual_seed(0)
-        loss = model(pixel_values, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(pixel_values, labels=labels).loss
         loss.backward()
         return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
 
