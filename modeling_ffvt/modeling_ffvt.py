@@ -342,6 +342,11 @@ class FFVTAttention(nn.Module):
         return self.output(output), probabilities, picks
 
 
+# GELU and its derivative are exactly zero here in every floating-point format (exp(-x**2 / 2) underflows below
+# -15 or so), and the value is finite even in float16.
+GELU_ZERO_INPUT = -1000.0
+
+
 class FFVTMlpLinear(nn.Linear):
     """A linear layer of the MLP, which the original initialises differently from the attention's."""
 
@@ -352,7 +357,8 @@ class FFVTIntermediate(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
-        self.activation = ACT2FN[config.hidden_act]
+        # torch's own module for the exact GELU, which FFVTLayer.feed_forward recognises.
+        self.activation = nn.GELU() if config.hidden_act == "gelu" else ACT2FN[config.hidden_act]
         self.dropout = FFVTDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -393,30 +399,38 @@ class FFVTLayer(GradientCheckpointingLayer):
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """
-        The MLP. Where the dropout draws its own mask (training on CPU), the dropped activation that the second linear
-        layer would keep for the backward pass, the largest tensor of the layer at 4 bytes an element, is not kept
-        but recomputed in the backward pass from the first linear layer's output and the mask, which the backward
-        passes of GELU and of the dropout keep anyway: a fifth less tensor memory for a training step at 448 px,
-        for one more GELU per layer. Compiled graphs and checkpointed layers plan their own recomputation: they take
-        the plain path.
+        The MLP. Where the dropout draws its own mask (training on CPU) after an exact GELU, two things change, neither
+        of which changes a value. The dropped elements of the first linear layer's output are pushed far below zero,
+        where GELU and its gradient are exactly zero: GELU's own forward and backward passes then do the dropping, and
+        the mask is applied once instead of three times (forward, recomputation, backward). And the activation that
+        the second linear layer would keep for the backward pass, the largest tensor of the layer at 4 bytes an
+        element, is recomputed there instead from the input GELU keeps anyway. Compiled graphs and checkpointed
+        layers plan their own recomputation: they take the plain path.
         """
         dense, activation, dropout = self.intermediate.dense, self.intermediate.activation, self.intermediate.dropout
         if (
-            not torch.is_grad_enabled()
+            not (isinstance(activation, nn.GELU) and activation.approximate == "none")
+            or not torch.is_grad_enabled()
             or not dropout.draws_own_mask(hidden_states)
             or self.gradient_checkpointing
             or torch.compiler.is_compiling()
         ):
             return self.output(self.intermediate(hidden_states))
-        pre_activation = dense(hidden_states)
+        # Flattened to rows, so that the linear layers return whole tensors rather than views: autograd would answer
+        # the in-place change below, on a view, with copies in the backward pass.
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        pre_activation = dense(rows)
         drop, scale = dropout.draw_mask(pre_activation)
+        # Out of autograd's sight: the gradient GELU passes back is already zero at the dropped elements.
+        with torch.no_grad():
+            pre_activation.masked_fill_(drop, GELU_ZERO_INPUT)
 
         def activate():
-            return DropAndScale.apply(activation(pre_activation), drop, scale)
+            return activation(pre_activation).mul_(scale)
 
         activated = activate()
         with RecomputedForBackward(activated, activate):
-            return self.output(activated)
+            return self.output(activated).view(*hidden_states.shape[:-1], -1)
 
 
 class FFVTEncoder(nn.Module):

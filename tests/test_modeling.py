@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import randomized, tiny_config
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
-from modeling_ffvt.modeling_ffvt import FFVTDropout, FFVTLayer
+from modeling_ffvt.modeling_ffvt import GELU_ZERO_INPUT, FFVTDropout, FFVTLayer
 
 
 def reference_maws_picks(attention_logits: torch.Tensor, num_token: int) -> torch.Tensor:
@@ -306,22 +306,36 @@ class LowRankAdapted(torch.nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-@pytest.mark.parametrize("adapted, autocast", [(False, False), (True, False), (False, True)])
-def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapted, autocast):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_gelu_and_its_gradient_vanish_at_the_dropped_input(dtype):
+    # Sizes that cover the vectorised loops and their scalar tails.
+    for size in (1, 7, 16, 33, 1000):
+        x = torch.full((size,), GELU_ZERO_INPUT, dtype=dtype, requires_grad=True)
+        y = torch.nn.functional.gelu(x)
+        y.backward(torch.full_like(y, 1e4))
+        assert torch.equal(y, torch.zeros_like(y)) and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("variant", ["float32", "adapted", "bf16_autocast", "float64"])
+def test_cpu_training_mlp_gives_the_plain_gradients(monkeypatch, variant):
     """
-    In CPU training the MLP does not keep the dropped activation for backward but recomputes it (outside autocast):
-    the loss and every gradient equal those of the plain composition, which draws the same masks from the same seed.
+    In CPU training the MLP drops through GELU (dropped inputs pushed far below zero) and recomputes the dropped
+    activation for backward (outside autocast): the loss and every gradient equal those of the plain composition,
+    which draws the same masks from the same seed.
     """
     model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
-    if adapted:
-        for layer in (*model.vit.encoder.layer, model.vit.encoder.fusion_layer):
+    layers = (*model.vit.encoder.layer, model.vit.encoder.fusion_layer)
+    if variant == "adapted":
+        for layer in layers:
             layer.output.dense = LowRankAdapted(layer.output.dense)
-    pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    if variant == "float64":
+        model.double()
+    pixel_values, labels = torch.randn(3, 3, 32, 32, dtype=model.dtype), torch.tensor([0, 1, 2])
 
     def loss_and_gradients():
         model.zero_grad()
         torch.manual_seed(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_autocast"):
             loss = model(pixel_values, labels=labels).loss
         loss.backward()
         return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -329,9 +343,25 @@ def test_recomputed_mlp_activation_gives_the_plain_gradients(monkeypatch, adapte
     loss, gradients = loss_and_gradients()
     monkeypatch.setattr(FFVTLayer, "feed_forward", plain_feed_forward)
     plain_loss, plain_gradients = loss_and_gradients()
+    assert torch.isfinite(loss)
     assert torch.equal(loss, plain_loss)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradient, plain_gradients[name], rtol=0, atol=0, msg=name)
+
+
+def test_cpu_training_mlp_keeps_only_the_gelu_input_at_full_width():
+    """Of the tensors as wide as the MLP, backward keeps only GELU's input: no mask, no dropped activation."""
+    layer = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.1))).vit.encoder.layer[0]
+    hidden_states = torch.randn(2, 65, 32, requires_grad=True)
+
+    def kept_at_full_width(training: bool):
+        output, kept = kept_for_backward(layer.train(training).feed_forward, hidden_states)
+        output.sum().backward()
+        return [t.dtype for t in kept if t.numel() == 2 * 65 * 64]
+
+    assert kept_at_full_width(training=True) == [torch.float32]
+    # The plain path (no dropout in eval mode) keeps the activation too: the check can see it.
+    assert kept_at_full_width(training=False) == [torch.float32] * 2
 
 
 @pytest.mark.parametrize("training", [True, False])
