@@ -347,6 +347,21 @@ class FFVTAttention(nn.Module):
 GELU_ZERO_INPUT = -1000.0
 
 
+class FillBeforeGelu(torch.autograd.Function):
+    """
+    `x` with GELU_ZERO_INPUT where `drop` is set. The gradient passes through unmasked: the GELU that follows gives
+    exactly zero there, so masking it again would only cost a pass and the mask's memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(drop, GELU_ZERO_INPUT)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class FFVTMlpLinear(nn.Linear):
     """A linear layer of the MLP, which the original initialises differently from the attention's."""
 
@@ -400,12 +415,13 @@ class FFVTLayer(GradientCheckpointingLayer):
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """
         The MLP. Where the dropout draws its own mask (training on CPU) after an exact GELU, two things change, neither
-        of which changes a value. The dropped elements of the first linear layer's output are pushed far below zero,
-        where GELU and its gradient are exactly zero: GELU's own forward and backward passes then do the dropping, and
-        the mask is applied once instead of three times (forward, recomputation, backward). And the activation that
-        the second linear layer would keep for the backward pass, the largest tensor of the layer at 4 bytes an
-        element, is recomputed there instead from the input GELU keeps anyway. Compiled graphs and checkpointed
-        layers plan their own recomputation: they take the plain path.
+        of which changes a value. GELU's input is the first linear layer's output with the dropped elements set to
+        GELU_ZERO_INPUT, where GELU and its gradient are exactly zero: GELU's own forward and backward passes then do
+        the dropping, and the mask is applied once instead of three times (forward, recomputation, backward). And the
+        activation that the second linear layer would keep for the backward pass, the largest tensor of the layer at 4
+        bytes an element, is recomputed there instead from the input GELU keeps anyway. Compiled graphs and checkpointed
+        layers plan their own recomputation: they take the plain path. The fill makes a new tensor: the linear layer's
+        output, which a forward hook may hold, stays as it was.
         """
         dense, activation, dropout = self.intermediate.dense, self.intermediate.activation, self.intermediate.dropout
         if (
@@ -416,21 +432,16 @@ class FFVTLayer(GradientCheckpointingLayer):
             or torch.compiler.is_compiling()
         ):
             return self.output(self.intermediate(hidden_states))
-        # Flattened to rows, so that the linear layers return whole tensors rather than views: autograd would answer
-        # the in-place change below, on a view, with copies in the backward pass.
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-        pre_activation = dense(rows)
-        drop, scale = dropout.draw_mask(pre_activation)
-        # Out of autograd's sight: the gradient GELU passes back is already zero at the dropped elements.
-        with torch.no_grad():
-            pre_activation.masked_fill_(drop, GELU_ZERO_INPUT)
+        linear_output = dense(hidden_states)
+        drop, scale = dropout.draw_mask(linear_output)
+        pre_activation = FillBeforeGelu.apply(linear_output, drop)
 
         def activate():
             return activation(pre_activation).mul_(scale)
 
         activated = activate()
         with RecomputedForBackward(activated, activate):
-            return self.output(activated).view(*hidden_states.shape[:-1], -1)
+            return self.output(activated)
 
 
 class FFVTEncoder(nn.Module):

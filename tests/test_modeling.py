@@ -364,6 +364,16 @@ def test_cpu_training_mlp_keeps_only_the_gelu_input_at_full_width():
     assert kept_at_full_width(training=False) == [torch.float32] * 2
 
 
+def test_cpu_training_mlp_leaves_the_first_linear_output_as_hooks_saw_it():
+    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.5))).train()
+    dense = model.vit.encoder.layer[0].intermediate.dense
+    seen = []
+    dense.register_forward_hook(lambda module, args, output: seen.append((args[0].detach(), output)))
+    model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+    [(inputs, output)] = seen
+    torch.testing.assert_close(output, dense(inputs), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_mlp_activation_is_freed_after_forward_only_in_cpu_training(training):
     """What the memory saving rests on: nothing keeps the second linear layer's input alive once the forward ends."""
