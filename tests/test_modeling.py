@@ -319,14 +319,13 @@ def test_gelu_and_its_gradient_vanish_at_the_dropped_input(dtype):
 @pytest.mark.parametrize("variant", ["float32", "adapted", "bf16_autocast", "float64"])
 def test_cpu_training_mlp_gives_the_plain_gradients(monkeypatch, variant):
     """
-    In CPU training the MLP drops through GELU (dropped inputs pushed far below zero) and recomputes the dropped
+    In CPU training the MLP drops through GELU (dropped inputs set to GELU_ZERO_INPUT) and recomputes the dropped
     activation for backward (outside autocast): the loss and every gradient equal those of the plain composition,
     which draws the same masks from the same seed.
     """
     model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
-    layers = (*model.vit.encoder.layer, model.vit.encoder.fusion_layer)
     if variant == "adapted":
-        for layer in layers:
+        for layer in (*model.vit.encoder.layer, model.vit.encoder.fusion_layer):
             layer.output.dense = LowRankAdapted(layer.output.dense)
     if variant == "float64":
         model.double()
