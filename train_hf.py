@@ -30,12 +30,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, u
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, get_scheduler
+from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.data import RECIPES, FGVCTransform, find_unreadable_images, load_rgb, sample_generator
 from modeling_ffvt.evaluation import load_fgvc_accuracy
-from modeling_ffvt.image_processor import default_resize_size, make_image_processor
+from modeling_ffvt.image_processor import default_resize_size, load_image_processor, make_image_processor
 from modeling_ffvt.selection_map import selection_map
 
 logger = get_logger(__name__)
@@ -437,7 +437,7 @@ def draw_card_selection_map(output_dir, image):
     if not model.config.feature_fusion:
         return
     with torch.no_grad():
-        picture, _ = selection_map(model, AutoImageProcessor.from_pretrained(output_dir), load_rgb(image))
+        picture, _ = selection_map(model, load_image_processor(output_dir), load_rgb(image))
     picture.save(Path(output_dir, SELECTION_MAP_FILE))
 
 
@@ -579,7 +579,9 @@ def main(argv=None):
     check_labels(labels, model.config.num_labels)
     model.config.label_smoothing = args.label_smoothing
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable()
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
     image_size = config.image_size
     args.resize_size = args.resize_size or default_resize_size(image_size)

@@ -19,11 +19,12 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .data import UnreadableImageError, load_rgb
 from .evaluation import load_fgvc_accuracy
+from .image_processor import load_image_processor
 
 DEFAULT_SPLITS = ("test", "validation")
 
@@ -150,7 +151,7 @@ def main(argv=None):
         split, split_name = load_split(args)
     try:
         model = AutoModelForImageClassification.from_pretrained(args.model)
-        processor = AutoImageProcessor.from_pretrained(args.model)
+        processor = load_image_processor(args.model)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot load the model {args.model}: {error}") from None
     class_ids = model_class_ids(split, args.label_column_name, model.config)

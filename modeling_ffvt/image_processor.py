@@ -1,8 +1,19 @@
 """The image processor saved beside every FFVT folder this project writes."""
 
+import transformers
 from PIL import Image
-from transformers import DeiTImageProcessor
+from transformers import AutoImageProcessor
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# Releases with a choice of image backends (torchvision by default when installed; without it, PIL after a warning
+# that naming `DeiTImageProcessor` already triggers) have `...Pil` classes. This project always resizes with PIL, as
+# the original's transforms do and as runs without torchvision must: the same pixels, and so the same accuracy,
+# whether or not torchvision is installed.
+if hasattr(transformers, "DeiTImageProcessorPil"):
+    PilDeiTImageProcessor, PIL_BACKEND = transformers.DeiTImageProcessorPil, {"backend": "pil"}
+else:
+    PilDeiTImageProcessor, PIL_BACKEND = transformers.DeiTImageProcessor, {"use_fast": False}
 
 # The paper resizes to 600 before cropping 448 (CUB, Dogs) and to 500 before cropping 384 (Cotton, Soy.Loc).
 PAPER_RESIZE_SIZES = {448: 600, 384: 500}
@@ -13,7 +24,7 @@ def default_resize_size(image_size: int) -> int:
     return PAPER_RESIZE_SIZES.get(image_size, round(image_size * 600 / 448))
 
 
-def make_image_processor(image_size: int, resize_size: int | None = None) -> DeiTImageProcessor:
+def make_image_processor(image_size: int, resize_size: int | None = None) -> BaseImageProcessor:
     """
     The original's test transform as a transformers image processor: square bilinear resize to `resize_size` (aspect
     ratio not kept), centre crop to `image_size`, ImageNet mean and standard deviation.
@@ -21,10 +32,15 @@ def make_image_processor(image_size: int, resize_size: int | None = None) -> Dei
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
-    return DeiTImageProcessor(
+    return PilDeiTImageProcessor(
         size={"height": resize_size, "width": resize_size},
         crop_size={"height": image_size, "width": image_size},
         resample=Image.BILINEAR,
         image_mean=IMAGENET_DEFAULT_MEAN,
         image_std=IMAGENET_DEFAULT_STD,
     )
+
+
+def load_image_processor(pretrained_model_name_or_path: str) -> BaseImageProcessor:
+    """A saved image processor on the PIL backend, as [`make_image_processor`] builds it and training evaluates."""
+    return AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **PIL_BACKEND)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import _pair
 from .data import find_unreadable_images, load_rgb
+from .image_processor import load_image_processor
 from .selection_map import draw_selection_map, model_input_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -85,7 +86,7 @@ def selection_map_paths(out: Path, files: list[Path]) -> list[Path]:
 def load_model(name, device):
     try:
         model = AutoModelForImageClassification.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
+        processor = load_image_processor(name)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot load the model {name}: {error}") from None
     return model.to(device).eval(), processor

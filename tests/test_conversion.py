@@ -102,7 +102,7 @@ def test_saved_folders_load_with_their_image_processor(tmp_path):
 
 
 def test_original_checkpoint_cli_writes_a_loadable_folder(tmp_path):
-    config, checkpoint, reference = original_case("fusion_small")
+    _, checkpoint, reference = original_case("fusion_small")
     out = tmp_path / "converted"
     subprocess.run(
         [sys.executable, "conversion/convert_original_ffvt_to_hf.py", "--checkpoint_path", str(checkpoint),

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -135,8 +137,8 @@ def test_datasets_entries_are_read_from_bytes_or_path(tmp_path):
 # ---- transforms ----------------------------------------------------------------------------------------------
 
 
-def test_eval_transform_matches_hand_computation_and_the_saved_processor():
-    from modeling_ffvt.image_processor import make_image_processor
+def test_eval_transform_matches_hand_computation_and_the_saved_processor(tmp_path):
+    from modeling_ffvt.image_processor import load_image_processor, make_image_processor
 
     image = random_rgb(10, 13)
     transform = FGVCTransform("cub", image_size=4, resize_size=11, train=False)
@@ -147,8 +149,15 @@ def test_eval_transform_matches_hand_computation_and_the_saved_processor():
     output = transform(image)
     assert output.dtype == torch.float32 and output.shape == (3, 4, 4)
     np.testing.assert_allclose(output.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
-    processed = make_image_processor(4, 11)(image, return_tensors="pt")["pixel_values"][0]
+    processor = make_image_processor(4, 11)
+    processed = processor(image, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(output, processed, atol=1e-5, rtol=0)
+    processor.save_pretrained(tmp_path)
+    # The base name, which every transformers release can load, whichever backend wrote it.
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "DeiTImageProcessor"
+    reloaded = load_image_processor(tmp_path)(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(reloaded, processed)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
