@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,20 @@ from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.data import RECIPES, FGVCTransform, find_unreadable_images, load_rgb, sample_generator
 from modeling_ffvt.evaluation import load_fgvc_accuracy
 from modeling_ffvt.image_processor import default_resize_size, load_image_processor, make_image_processor
+from modeling_ffvt.inputs import (
+    ImageFolder,
+    check_disjoint,
+    check_model_name,
+    ids_out_of_range_message,
+    label_kind,
+    label_values,
+    load_data,
+    model_load_error,
+    quiet_progress_bars,
+    read_image_folder,
+    skipped_note,
+    unknown_names_message,
+)
 from modeling_ffvt.selection_map import selection_map
 
 logger = get_logger(__name__)
@@ -146,6 +161,9 @@ def parse_args(argv=None):
         "--checkpointing_steps", type=checkpointing_steps, help="Save the training state every N steps or 'epoch'."
     )
     output.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
+    output.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace the model already saved in --output_dir."
+    )
     output.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     output.add_argument("--report_to", default="all", help="tensorboard, wandb, ... or all installed ones.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder at the end.")
@@ -169,6 +187,11 @@ def parse_args(argv=None):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
     if args.eval_steps is not None and args.eval_steps <= 0:
         parser.error("--eval_steps must be positive.")
+    if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        parser.exit(2, (
+            f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
+            "to replace it, or --resume_from_checkpoint to continue the run that wrote it.\n"
+        ))
     return args
 
 
@@ -195,25 +218,37 @@ def make_digits_folder(root):
     staging.rename(root)
 
 
-def check_image_folder(flag, folder):
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{flag} {folder} is not a folder: point it at a folder of class subfolders of images.")
-    if not any(files for _, _, files in os.walk(folder)):
-        raise SystemExit(f"{flag} {folder} holds no files: put the images in class subfolders ({folder}/cat/1.jpg).")
+def read_data(args):
+    """The data as a DatasetDict, from --dataset_name or from --train_dir and --validation_dir (FOLDER/CLASS/files
+    each, with one set of classes for both)."""
+    if args.dataset_name is not None:
+        dataset, note = load_data(
+            args.dataset_name, "--dataset_name", args.image_column_name, args.label_column_name, default_split="train"
+        )
+    else:
+        splits, skipped = {}, 0
+        folders = (("train", "--train_dir", args.train_dir), ("validation", "--validation_dir", args.validation_dir))
+        for split, flag, folder in folders:
+            if folder is None:
+                continue
+            found = read_image_folder(folder, flag, default_split=split)
+            if list(found.splits) != [split]:
+                raise SystemExit(
+                    f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
+                    f"one split's folder, or give the whole folder as --dataset_name {folder}."
+                )
+            splits[split], skipped = found.splits[split], skipped + found.skipped
+        folder = ImageFolder(splits, skipped)
+        dataset = folder.to_dataset_dict(args.image_column_name, args.label_column_name)
+        note = skipped_note(skipped, " and ".join(f for _, _, f in folders if f is not None))
+    if note:
+        logger.warning(note)
+    return dataset
 
 
 def load_splits(args):
     """The train and validation splits, images undecoded, limited to --max_train_samples/--max_eval_samples."""
-    if args.dataset_name is not None:
-        dataset = datasets.load_dataset(args.dataset_name)
-    else:
-        data_files = {}
-        folders = (("train", "--train_dir", args.train_dir), ("validation", "--validation_dir", args.validation_dir))
-        for split, flag, folder in folders:
-            if folder is not None:
-                check_image_folder(flag, folder)
-                data_files[split] = os.path.join(folder, "**")
-        dataset = datasets.load_dataset("imagefolder", data_files=data_files)
+    dataset = read_data(args)
     if "train" not in dataset:
         raise SystemExit(f"The data set has no train split, only {list(dataset)}.")
     train = dataset["train"]
@@ -232,8 +267,12 @@ def load_splits(args):
     # Undecoded, so that load_rgb opens every image: any mode to RGB, and errors that name the file.
     undecoded = datasets.Image(decode=False)
     columns = [args.image_column_name, args.label_column_name]
-    return {name: split.select_columns(columns).cast_column(args.image_column_name, undecoded)
-            for name, split in (("train", train), ("validation", validation))}
+    splits = {name: split.select_columns(columns).cast_column(args.image_column_name, undecoded)
+              for name, split in (("train", train), ("validation", validation))}
+    if args.dataset_name is None or os.path.isdir(args.dataset_name):  # Hub data sets name images by file name only
+        check_disjoint({name: [entry["path"] for entry in split[args.image_column_name] if entry["path"]]
+                        for name, split in splits.items()})
+    return splits
 
 
 def find_unreadable_rows(split, column):
@@ -269,14 +308,32 @@ def drop_unreadable_images(splits, args, accelerator):
             )
 
 
-def label_names(split, column):
-    """The class names of a ClassLabel column; None for plain integer labels, which name no classes."""
-    feature = split.features[column]
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.names
-    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith("int")):
-        raise SystemExit(f"The label column {column!r} holds {feature}: it must hold class indices (or a ClassLabel).")
-    return None
+def encode_labels(splits, column, data):
+    """Turn class-name labels (strings or a ClassLabel) into class ids, in place, and return the class names: those
+    of the ClassLabel that train has images of, in their order, or train's sorted distinct strings. Returns None for integer labels,
+    which name no classes. Raises SystemExit for other label types and for validation names train lacks."""
+    values = {name: label_values(split, column, f"{data} ({name})") for name, split in splits.items()}
+    kinds = {name: label_kind(split.features[column], column, f"{data} ({name})") for name, split in splits.items()}
+    if set(kinds.values()) == {"ids"}:
+        return None
+    if len(set(kinds.values())) > 1:
+        raise SystemExit(
+            f"The label column {column!r} holds class names in one split and integers in the other "
+            f"({', '.join(f'{name}: {kind}' for name, kind in kinds.items())}): give both splits the same kind of labels."
+        )
+    feature = splits["train"].features[column]
+    present = set(values["train"])
+    names = [name for name in feature.names if name in present] if isinstance(feature, datasets.ClassLabel) else sorted(present)
+    unknown = sorted(set(values["validation"]) - set(names))
+    if unknown:
+        raise SystemExit(
+            unknown_names_message(unknown, names, f"The train split of {data}")
+            + " Every validation class needs training images."
+        )
+    ids = {name: index for index, name in enumerate(names)}
+    for name, split in splits.items():
+        splits[name] = split.remove_columns(column).add_column(column, [ids[value] for value in values[name]])
+    return names
 
 
 def load_model(args, names, labels):
@@ -284,7 +341,13 @@ def load_model(args, names, labels):
 
     With plain integer labels an FFVT checkpoint keeps its head and classes; otherwise labels 0..max are the classes.
     """
-    start = AutoConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path else None
+    start = None
+    if args.model_name_or_path:
+        check_model_name(args.model_name_or_path, "--model_name_or_path")
+        try:
+            start = AutoConfig.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError) as error:
+            raise model_load_error(args.model_name_or_path, error, "--model_name_or_path") from None
     if start is not None and start.model_type not in ("ffvt", "vit"):
         raise SystemExit(f"{args.model_name_or_path} is a {start.model_type!r} model: give an FFVT or ViT one.")
     if names is None and not (start is not None and start.model_type == "ffvt"):
@@ -327,12 +390,12 @@ def load_model(args, names, labels):
 
 
 def check_labels(labels, num_labels):
-    bad = sorted({label for label in labels if not 0 <= label < num_labels})
+    bad = [label for label in labels if not 0 <= label < num_labels]
     if bad:
         raise SystemExit(
-            f"Labels {bad[:10]} are outside the model's {num_labels} classes (0..{num_labels - 1}). Give the label "
-            "column ClassLabel names, so that the head is made for the data's classes, or start from a model whose "
-            "head holds every label."
+            ids_out_of_range_message(bad, num_labels, "the model")
+            + " With class names the head is made for the data's classes; or start from a model whose head holds "
+            "every label."
         )
 
 
@@ -412,11 +475,24 @@ def save_model(accelerator, model, processor, output_dir):
     state_dict = accelerator.get_state_dict(model)  # gathers the full weights under FSDP
     # Under accelerate's --dynamo_backend the model is compiled, and its state dict names every tensor "_orig_mod.*".
     state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
-    accelerator.unwrap_model(model).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict
-    )
+    with quiet_progress_bars():
+        accelerator.unwrap_model(model).save_pretrained(
+            output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict
+        )
     if accelerator.is_main_process:
         processor.save_pretrained(output_dir)
+
+
+def next_steps(output_dir, validation_image, validation_dir):
+    """What to try with the saved model: its card, the predict command on a validation image, evaluation."""
+    image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
+    model = shlex.quote(str(output_dir))
+    return (
+        f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
+        f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
+        f"--selection_map picks.png\nor evaluate it on labelled images:\n  ffvt-evaluate --model {model} "
+        f"--data_dir {shlex.quote(str(validation_dir)) if validation_dir else 'DATA'}"
+    )
 
 
 def is_hub_id(name):
@@ -433,7 +509,8 @@ def data_set_title(args):
 
 def draw_card_selection_map(output_dir, image):
     """The MAWS selection map of one validation image, drawn by the saved (best) model, for the model card."""
-    model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    with quiet_progress_bars():
+        model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     if not model.config.feature_fusion:
         return
     with torch.no_grad():
@@ -572,7 +649,7 @@ def main(argv=None):
             make_digits_folder(args.demo_data_dir)
         splits = load_splits(args)
     drop_unreadable_images(splits, args, accelerator)
-    names = label_names(splits["train"], args.label_column_name)
+    names = encode_labels(splits, args.label_column_name, data_set_title(args))
     labels = [label for split in splits.values() for label in split[args.label_column_name]]
 
     model = load_model(args, names, labels)
@@ -657,7 +734,7 @@ def main(argv=None):
         total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process
     )
     run_start = window_start = time.perf_counter()
-    run_loss, window_loss, window_steps, window_images = 0.0, 0.0, 0, 0
+    run_loss, window_loss, window_steps, window_images, last_window_loss = 0.0, 0.0, 0, 0, None
     model.train()
     for epoch in range(starting_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
@@ -684,8 +761,9 @@ def main(argv=None):
             progress_bar.update(1)
 
             if (args.eval_steps and completed_steps % args.eval_steps == 0) or completed_steps == args.max_train_steps:
+                last_window_loss = float(window_loss) / window_steps
                 log = {
-                    "train_loss": float(window_loss) / window_steps,
+                    "train_loss": last_window_loss,
                     "learning_rate": lr_scheduler.get_last_lr()[0],
                     "images_per_second": window_images / (time.perf_counter() - window_start),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -719,7 +797,8 @@ def main(argv=None):
     runtime = time.perf_counter() - run_start
     run_steps = completed_steps - first_step
     train_metrics = {
-        "train_loss": run_loss / max(run_steps, 1),
+        "train_loss_run_mean": run_loss / max(run_steps, 1),
+        "train_loss_last_window": last_window_loss,
         "train_runtime": runtime,
         "train_samples_per_second": run_steps * total_batch_size / runtime,
         "train_steps": completed_steps,
@@ -730,6 +809,7 @@ def main(argv=None):
         draw_card_selection_map(args.output_dir, splits["validation"][0][args.image_column_name])
         write_results_and_card(args, accelerator, config, best, train_metrics)
         logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
+        print(next_steps(args.output_dir, splits["validation"][0][args.image_column_name]["path"], args.validation_dir))
         if args.push_to_hub:
             repo_name = args.hub_model_id or Path(args.output_dir).absolute().name
             repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -38,8 +38,9 @@ def load_rgb(path_or_image):
 
     Alpha is dropped, not composited: the colour under transparent pixels is kept, as the original's
     `.convert("RGB")` does (palette images with transparency go through RGBA first). 16-bit grey is scaled by its
-    bit depth (divided by 257) rather than clipped; see `_grey_to_8bit` for 32-bit and float images. EXIF
-    orientation is not applied, as in the original. Raises `UnreadableImageError` (a `ValueError`) naming the file
+    bit depth (divided by 257) rather than clipped; see `_grey_to_8bit` for 32-bit and float images. The EXIF
+    orientation tag is applied (`PIL.ImageOps.exif_transpose`), as `pipeline`, transformers' `load_image` and
+    `datasets` do, so that the model sees the image upright as a viewer shows it; the original ignores it. Raises `UnreadableImageError` (a `ValueError`) naming the file
     for missing, empty, truncated or unidentifiable files.
     """
     is_image = isinstance(path_or_image, Image.Image)
@@ -56,7 +57,7 @@ def load_rgb(path_or_image):
         else:
             with Image.open(file) as image:
                 image.load()  # decoding now is what reveals a truncated file
-        return _to_rgb(image)
+        return _to_rgb(_upright(image))
     # Pillow reports truncation as OSError, unknown formats as UnidentifiedImageError (an OSError), broken PNG
     # chunks as SyntaxError and impossible mode conversions as ValueError.
     except (OSError, SyntaxError, ValueError) as error:
@@ -72,6 +73,13 @@ def _encoded_image(path_or_entry):
         path_or_entry = path_or_entry["path"]
     path = os.fspath(path_or_entry)
     return path, path, os.path.getsize(path) if os.path.isfile(path) else None
+
+
+def _upright(image):
+    """The image turned as its EXIF orientation says (phones store pixels as the sensor saw them and tag the turn)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_rgb(image):

@@ -11,7 +11,7 @@ go through the model's saved image processor. docs/usage.md describes the output
 
 import argparse
 import json
-import os
+import sys
 from collections import Counter
 
 import datasets
@@ -19,12 +19,17 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageClassification
-
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .data import UnreadableImageError, load_rgb
 from .evaluation import load_fgvc_accuracy
-from .image_processor import load_image_processor
+from .inputs import (
+    ids_out_of_range_message,
+    label_kind,
+    label_values,
+    load_classifier,
+    load_data,
+    unknown_names_message,
+)
 
 DEFAULT_SPLITS = ("test", "validation")
 
@@ -46,67 +51,60 @@ def parse_args(argv=None):
 
 def load_split(args) -> tuple[datasets.Dataset, str]:
     """The split to evaluate, with undecoded images (load_rgb reads them), and its name."""
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise SystemExit(f"--data_dir {args.data_dir} is not a folder of class subfolders of images.")
-    try:
-        if args.data_dir is not None:
-            dataset = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
-        else:
-            dataset = datasets.load_dataset(args.dataset_name)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"cannot load the data set {args.data_dir or args.dataset_name}: {error}") from None
+    flag, name = ("--data_dir", args.data_dir) if args.data_dir is not None else ("--dataset_name", args.dataset_name)
+    dataset, note = load_data(name, flag, args.image_column_name, args.label_column_name, default_split="all")
+    if note:
+        print(note, file=sys.stderr)
     if args.split is not None:
-        name = args.split
+        split_name = args.split
     else:
         found = [split for split in DEFAULT_SPLITS if split in dataset] or (list(dataset) if len(dataset) == 1 else [])
         if not found:
-            raise SystemExit(f"Choose the split to evaluate with --split: the data set has {list(dataset)}.")
-        name = found[0]
-    if name not in dataset:
-        raise SystemExit(f"No split {name!r} in the data set, only {list(dataset)}.")
-    split = dataset[name]
+            raise SystemExit(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
+        split_name = found[0]
+    if split_name not in dataset:
+        raise SystemExit(f"--split {split_name}: {name} has no such split, only {list(dataset)}.")
+    split = dataset[split_name]
     for flag in ("--image_column_name", "--label_column_name"):
         column = getattr(args, flag[2:])
         if column not in split.column_names:
-            raise SystemExit(f"No column {column!r} in the data set (it has {split.column_names}): set {flag}.")
-    return split.cast_column(args.image_column_name, datasets.Image(decode=False)), name
+            raise SystemExit(f"No column {column!r} in {name} (it has {split.column_names}): set {flag}.")
+    return split.cast_column(args.image_column_name, datasets.Image(decode=False)), split_name
 
 
-def model_class_ids(split, label_column, config) -> list[int] | None:
-    """For each class of a ClassLabel column, the model's id of the class of that name; None for a column of plain
-    integers, which are taken as the model's ids. Raises SystemExit listing the classes the model lacks."""
-    feature = split.features[label_column]
-    if not isinstance(feature, datasets.ClassLabel):
-        if not all(0 <= label < config.num_labels for label in split[label_column]):
-            raise SystemExit(f"Integer labels must be the model's class ids, 0 to {config.num_labels - 1}.")
-        return None
+def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
+    """The model's class id of every row: class names (strings or ClassLabel) matched to the model's id2label by
+    name, integers taken as the model's ids. Raises SystemExit listing unknown names or out-of-range ids."""
+    values = label_values(split, label_column, data)
+    kind = label_kind(split.features[label_column], label_column, data)
+    if kind == "ids":
+        bad = [value for value in values if not 0 <= value < config.num_labels]
+        if bad:
+            raise SystemExit(ids_out_of_range_message(bad, config.num_labels, f"the model {model_name}"))
+        return values
     label2id = {name: int(index) for index, name in config.id2label.items()}
-    unknown = [name for name in feature.names if name not in label2id]
+    unknown = sorted(set(values) - label2id.keys())
     if unknown:
-        known = list(label2id)
         raise SystemExit(
-            f"The model has no class named {', '.join(map(repr, unknown))}. Its {len(known)} classes are "
-            f"{', '.join(map(repr, known[:20]))}{', ...' if len(known) > 20 else ''}: evaluate on a data set of "
-            "these classes, with folders (or ClassLabel names) spelled as the model's labels."
+            unknown_names_message(unknown, list(label2id), f"The model {model_name}")
+            + " Evaluate on images of these classes, with folders (or label names) spelled as the model's labels."
         )
-    return [label2id[name] for name in feature.names]
+    return [label2id[value] for value in values]
 
 
 class LabelledImages(torch.utils.data.Dataset):
     """(pixel_values, the model's class id) of each row, the image read by load_rgb and prepared by `processor`."""
 
-    def __init__(self, split, image_column, label_column, class_ids, processor):
-        self.split, self.image_column, self.label_column = split, image_column, label_column
-        self.class_ids, self.processor = class_ids, processor
+    def __init__(self, split, image_column, class_ids, processor):
+        self.split, self.image_column, self.class_ids, self.processor = split, image_column, class_ids, processor
 
     def __len__(self):
-        return len(self.split)
+        return len(self.class_ids)
 
     def __getitem__(self, index):
-        row = self.split[index]
-        pixel_values = self.processor(load_rgb(row[self.image_column]), return_tensors="pt")["pixel_values"][0]
-        label = row[self.label_column]
-        return pixel_values, self.class_ids[label] if self.class_ids is not None else label
+        image = load_rgb(self.split[index][self.image_column])
+        pixel_values = self.processor(image, return_tensors="pt")["pixel_values"][0]
+        return pixel_values, self.class_ids[index]
 
 
 def most_confused(references, top1, id2label, count) -> list[dict]:
@@ -149,13 +147,11 @@ def main(argv=None):
     accelerator = Accelerator()
     with accelerator.main_process_first():  # the main process writes the data set's cache, the others read it
         split, split_name = load_split(args)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(args.model)
-        processor = load_image_processor(args.model)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot load the model {args.model}: {error}") from None
-    class_ids = model_class_ids(split, args.label_column_name, model.config)
-    images = LabelledImages(split, args.image_column_name, args.label_column_name, class_ids, processor)
+    model, processor = load_classifier(args.model)
+    class_ids = model_class_ids(
+        split, args.label_column_name, model.config, args.data_dir or args.dataset_name, args.model
+    )
+    images = LabelledImages(split, args.image_column_name, class_ids, processor)
     # Evaluation mode: the model is only placed and given mixed precision, not wrapped for gradient syncing.
     model = accelerator.prepare_model(model.eval(), evaluation_mode=True)
     dataloader = accelerator.prepare(DataLoader(images, batch_size=args.batch_size))

@@ -8,15 +8,17 @@ of every layer before the fusion layer, stacked. docs/onnx.md lists what the exp
 """
 
 import argparse
+import contextlib
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageClassification
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import _pair
+from .inputs import load_classifier
 
 EXPORTERS = ("dynamo", "torchscript")
 # torch.export implements no opset below 18 and cannot convert this graph down; the TorchScript exporter can.
@@ -35,6 +37,22 @@ class _TensorOutputs(torch.nn.Module):
         if not outputs.selected_token_indices:
             return (outputs.logits,)
         return outputs.logits, torch.stack(outputs.selected_token_indices, dim=1)
+
+
+# The dynamo exporter says, for each of torchvision's operators, that it skips them when torchvision is absent; this
+# model uses none of them.
+_TORCH_ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def output_names(model) -> list[str]:
@@ -70,10 +88,12 @@ def export_onnx(model, output, opset: int = LOWEST_DYNAMO_OPSET, exporter: str =
         axes = {"dynamic_shapes": {"pixel_values": {0: torch.export.Dim("batch")}}}
     else:
         axes = {"dynamic_axes": {name: {0: "batch"} for name in ["pixel_values", *names]}}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger(_TORCH_ONNX_REGISTRATION_LOGGER):
         # The tracer warns that the model's size checks become constants, which is right for a fixed image size.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        # torch.export's own use of a pytree API that torch has deprecated; nothing a caller can change.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated", category=FutureWarning)
         torch.onnx.export(
             _TensorOutputs(model).eval(),
             (example,),
@@ -129,12 +149,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(
-            args.model, attn_implementation=args.attn_implementation
-        )
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot load the model {args.model}: {error}") from None
+    model, _ = load_classifier(args.model, attn_implementation=args.attn_implementation)
     if model.config.model_type != "ffvt":
         raise SystemExit(f"{args.model} is a {model.config.model_type} model, not FFVT.")
     try:

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageClassification
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import _pair
 from .data import find_unreadable_images, load_rgb
-from .image_processor import load_image_processor
+from .inputs import IMAGE_EXTENSIONS, load_classifier, scan_images, skipped_note
 from .selection_map import draw_selection_map, model_input_image
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
 def parse_args(argv=None):
@@ -48,18 +45,20 @@ def parse_args(argv=None):
 
 
 def find_images(paths) -> list[Path]:
-    """The image files among `paths` (files as given, folders searched recursively by extension), in order.
+    """The image files among `paths` (files as given, folders searched recursively by extension, hidden and system
+    files left out), in order.
 
-    Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image.
+    Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image; prints
+    to standard error how many hidden or system entries were skipped, when any were.
     """
-    files, problems = [], []
+    files, problems, skipped = [], [], 0
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(file for file in path.rglob("*") if file.suffix.lower() in IMAGE_EXTENSIONS)
-            found = [file for file in found if file.is_file()]
-            if not found:
+            scan = scan_images(path)
+            skipped += scan.skipped
+            if not scan.images:
                 problems.append(f"{path}: no images in this folder (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-            files += found
+            files += scan.images
         elif path.is_file():
             files.append(path)
         else:
@@ -68,6 +67,9 @@ def find_images(paths) -> list[Path]:
     problems += [f"{path}: not a readable image ({reason})" for path, reason in find_unreadable_images(files)]
     if problems:
         raise SystemExit("cannot use these inputs:\n  " + "\n  ".join(problems))
+    note = skipped_note(skipped, ", ".join(str(path) for path in paths if Path(path).is_dir()))
+    if note:
+        print(note, file=sys.stderr)
     return files
 
 
@@ -81,15 +83,6 @@ def selection_map_paths(out: Path, files: list[Path]) -> list[Path]:
         suffix = "" if seen[file.stem] == 1 else f"_{seen[file.stem]}"
         paths.append(out.with_name(f"{out.stem}_{file.stem}{suffix}{out.suffix}"))
     return paths
-
-
-def load_model(name, device):
-    try:
-        model = AutoModelForImageClassification.from_pretrained(name)
-        processor = load_image_processor(name)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot load the model {name}: {error}") from None
-    return model.to(device).eval(), processor
 
 
 @torch.no_grad()
@@ -141,7 +134,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = find_images(args.images)
-    model, processor = load_model(args.model, device)
+    model, processor = load_classifier(args.model)
+    model = model.to(device).eval()
     maps = None
     if args.selection_map:
         if not getattr(model.config, "feature_fusion", False):

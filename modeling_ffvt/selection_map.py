@@ -22,7 +22,6 @@ BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
 # The heat map's colour scale, from picked by no layer to picked by every layer (viridis' anchors).
 HEAT_COLORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
-HEAT_OPACITY = 0.6
 PADDING = 8
 
 
@@ -102,15 +101,12 @@ def _outlined(image, picks, grid_size, cell, scale, color):
     return panel
 
 
-def _heat_map(image, counts, num_layers, cell, scale):
-    """The greyscale image scaled up with every patch cell tinted by the fraction of layers that picked it."""
-    pixels = np.asarray(_scaled(image.convert("L").convert("RGB"), scale), dtype=np.float64).copy()
-    colors = _heat_color(counts / num_layers)
-    height, width = cell[0] * scale, cell[1] * scale
-    for row, column in np.ndindex(counts.shape):
-        block = pixels[row * height : (row + 1) * height, column * width : (column + 1) * width]
-        block[:] = (1 - HEAT_OPACITY) * block + HEAT_OPACITY * colors[row, column]
-    return Image.fromarray(np.rint(pixels).astype(np.uint8))
+def _heat_map(counts, num_layers, cell, scale):
+    """Every patch cell filled with the colour-bar colour of the fraction of layers that picked it. Opaque, so that a
+    cell no layer picked shows the bar's "0" colour, not a blend with the image (the layer panels show the image)."""
+    colors = np.rint(_heat_color(counts / num_layers)).astype(np.uint8)
+    cells = colors.repeat(cell[0] * scale, axis=0).repeat(cell[1] * scale, axis=1)
+    return Image.fromarray(cells)
 
 
 def _color_bar(width, num_layers, font, line_height):
@@ -175,7 +171,7 @@ def draw_selection_map(
         title = f"layer {layer + 1}" + (" (+CLS)" if 0 in layer_picks else "")
         panels.append((title, _outlined(image, layer_picks, grid_size, cell, scale, outline_color)))
     heat_title = f"picks in {len(picks)} layers" + (f" (CLS: {cls_count})" if cls_count else "")
-    panels.append((heat_title, _heat_map(image, counts, len(picks), cell, scale)))
+    panels.append((heat_title, _heat_map(counts, len(picks), cell, scale)))
 
     font = ImageFont.load_default(size=max(10, min(16, image.width * scale // 12)))
     line_height = font.getbbox("layer 0 (+CLS)")[3] + 6

@@ -1,8 +1,11 @@
+import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
@@ -62,3 +65,31 @@ def original_case(case: str):
     """The configuration, checkpoint path and reference outputs the original code produced for `case`."""
     config = json.loads((FIXTURES / f"{case}_config.json").read_text())
     return config, FIXTURES / f"{case}_checkpoint.bin", load_file(FIXTURES / f"{case}_reference.safetensors")
+
+
+@functools.cache
+def digits():
+    """scikit-learn's 1797 8x8 digits (a small real image set that ships with a package)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
+def digit_image(index: int, size: int = 40) -> Image.Image:
+    """Digit `index` as a `size` x `size` 8-bit grey image, scaled up by nearest neighbour."""
+    return Image.fromarray(np.uint8(digits().images[index] * 255 / 16)).resize((size, size), Image.NEAREST)
+
+
+def write_digits(folder, indices, size: int = 40) -> list[Path]:
+    """Digits `indices` saved as `folder/<index>.png` (the folder made as needed); their paths in order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{index}.png" for index in indices]
+    for index, path in zip(indices, paths):
+        digit_image(index, size).save(path)
+    return paths
+
+
+def digits_of(label: int, count: int, skip: int = 0) -> list[int]:
+    """Indices of `count` digits showing `label`, after the first `skip` of them."""
+    return np.flatnonzero(digits().target == label)[skip : skip + count].tolist()

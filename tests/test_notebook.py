@@ -1,5 +1,6 @@
 """examples/quickstart.ipynb runs from top to bottom, offline, and shows what it claims."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "'label'" in predictions_text and "'score'" in predictions_text
     assert "image/png" in outputs[3][-1]["data"]
     assert (tmp_path / "quickstart_output" / "model.safetensors").exists()
+    # The notebook says its short run learns: ten classes, so chance is 0.1.
+    results = json.loads((tmp_path / "quickstart_output" / "all_results.json").read_text())
+    assert results["eval_accuracy"] > 0.4

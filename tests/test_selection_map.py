@@ -101,6 +101,10 @@ def test_heat_map_colours_cells_by_count():
     for (row, column), count in np.ndenumerate(counts):
         assert colour_of_count.setdefault(count, tuple(cells[row, 0, column, 0])) == tuple(cells[row, 0, column, 0])
     assert len(set(colour_of_count.values())) == 4  # counts 0 to 3 each have their colour
+    # Cells read on the colour bar below the panel: unpicked ones as its "0" end, the cell every layer picked as
+    # its "3 layers" end (the heat panel is opaque, whatever the image's colour).
+    bar = np.asarray(picture)[bottom + 2, right + PADDING : right + PADDING + 16]
+    assert colour_of_count[0] == tuple(bar[0]) and colour_of_count[3] == tuple(bar[-1])
 
 
 def digit(index):

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
-from conftest import FIXTURES, randomized, tiny_config
+from conftest import FIXTURES, digits_of, randomized, tiny_config, write_digits
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.data import FGVCTransform
 from modeling_ffvt.image_processor import make_image_processor
@@ -70,6 +70,11 @@ def digits(tmp_path_factory):
 def save_image(path, image, **options):
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
+
+
+def save_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def random_rgb(seed, size=32):
@@ -259,12 +264,12 @@ def test_model_card_snippets_run_as_written(environment, tmp_path):
 
 def write_integer_labelled_csv(folder):
     """A data set whose labels are bare integers (0..3), which name no classes."""
-    image = folder / "image.png"
-    save_image(image, random_rgb(0))
-    rows = "".join(f"{image},{label}\n" for label in range(4))
-    (folder / "data").mkdir()
-    (folder / "data" / "train.csv").write_text("image,label\n" + rows)
-    (folder / "data" / "validation.csv").write_text("image,label\n" + rows)
+    for split in ("train", "validation"):
+        images = [folder / f"{split}{label}.png" for label in range(4)]
+        for seed, image in enumerate(images):
+            save_image(image, random_rgb(seed))
+        rows = "".join(f"{image},{label}\n" for label, image in enumerate(images))
+        save_text(folder / "data" / f"{split}.csv", "image,label\n" + rows)
     model = folder / "two_classes"
     FFVTForImageClassification(tiny_config(num_labels=2)).save_pretrained(model)
     return ["--dataset_name", folder / "data", "--model_name_or_path", model]
@@ -274,7 +279,7 @@ def write_integer_labelled_csv(folder):
     "case, message",
     [
         ("missing folder", "--train_dir {tmp}/nowhere is not a folder"),
-        ("empty folder", "--validation_dir {tmp}/empty holds no files"),
+        ("empty folder", "--validation_dir {tmp}/empty holds no images and no class folders: lay it out as"),
         ("empty split", "The validation split is empty"),
         ("labels beyond the head", "Labels [2, 3] are outside the model's 2 classes"),
     ],
@@ -294,6 +299,81 @@ def test_clear_errors(environment, digits, tmp_path, case, message):
     assert run.returncode != 0
     assert message.format(tmp=tmp_path) in run.stdout, run.stdout[-3000:]
     assert "Traceback" not in run.stdout
+
+
+def test_an_output_dir_with_a_saved_model_is_never_overwritten_silently(environment, digits, tmp_path):
+    output_dir = tmp_path / "out"
+    common = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", SMALL_MODEL,
+              "--max_train_samples", 64, "--max_eval_samples", 32, "--max_train_steps", 2, "--num_warmup_steps", 0,
+              "--recipe", "plain", "--resize_size", 32, "--output_dir", output_dir]
+    succeeded(train(environment, *common))
+    saved = {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()}
+    again = train(environment, *common, "--learning_rate", 0.5)
+    assert again.returncode == 2 and "Traceback" not in again.stdout
+    assert f"{output_dir} already holds a saved model" in again.stdout
+    assert "--overwrite_output_dir" in again.stdout and "--resume_from_checkpoint" in again.stdout
+    assert {path.name: path.read_bytes() for path in output_dir.iterdir() if path.is_file()} == saved
+    succeeded(train(environment, *common, "--learning_rate", 0.5, "--overwrite_output_dir"))
+    assert (output_dir / "model.safetensors").read_bytes() != saved["model.safetensors"]
+
+
+def test_class_name_labels_in_a_csv_become_the_models_classes(environment, tmp_path):
+    images = write_digits(tmp_path / "images", list(range(12)))
+    species = ["wren", "crow", "finch"]
+    for split, rows in (("train", range(9)), ("test", range(9, 12))):
+        lines = "".join(f"{images[row]},{species[row % 3]}\n" for row in rows)
+        save_text(tmp_path / "ds" / f"{split}.csv", "image,species\n" + lines)
+    output_dir = tmp_path / "out"
+    run = succeeded(train(environment, "--dataset_name", tmp_path / "ds", "--label_column_name", "species",
+                          "--config_name", SMALL_MODEL, "--recipe", "plain", "--resize_size", 40,
+                          "--max_train_steps", 1, "--num_warmup_steps", 0, "--output_dir", output_dir))
+    assert "Num examples = 9 train, 3 validation" in run.stdout
+    assert "Downloading data" not in run.stdout and "Writing model shards" not in run.stdout
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "crow", "1": "finch", "2": "wren"}  # sorted names
+
+
+def test_a_class_folder_named_train_is_a_class(environment, tmp_path):
+    for split, count in (("train", 4), ("validation", 2)):
+        for position, name in enumerate(["bus", "car", "train"]):
+            write_digits(tmp_path / "data" / split / name, digits_of(position, count, skip=4 * (split != "train")))
+    (tmp_path / "data" / "train" / "bus" / "._0.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    output_dir = tmp_path / "out"
+    run = succeeded(train(environment, "--dataset_name", tmp_path / "data", "--config_name", SMALL_MODEL,
+                          "--recipe", "plain", "--resize_size", 40, "--max_train_steps", 1, "--num_warmup_steps", 0,
+                          "--output_dir", output_dir))
+    assert "Num examples = 12 train, 6 validation" in run.stdout
+    assert "Skipped 1 hidden or system entry" in run.stdout
+    assert json.loads((output_dir / "config.json").read_text())["id2label"] == {"0": "bus", "1": "car", "2": "train"}
+    # The next steps it prints name a real validation image and the validation folder.
+    assert f"--model {output_dir}" in run.stdout and "ffvt-predict " in run.stdout
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("overlap", "is in both the train and the validation split"),
+        ("splits as train_dir", "holds splits (train, validation), not class folders"),
+        ("validation class train lacks", "The train split of"),
+        ("mistyped model", "--model_name_or_path mymodle: there is no folder of that name"),
+    ],
+)
+def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, message):
+    for split, skip in (("train", 0), ("validation", 3)):
+        for label in range(2 + (case == "validation class train lacks" and split == "validation")):
+            write_digits(tmp_path / "data" / split / str(label), digits_of(label, 3, skip))
+    data = ["--train_dir", tmp_path / "data" / "train", "--validation_dir", tmp_path / "data" / "validation"]
+    model = ["--config_name", SMALL_MODEL]
+    if case == "overlap":  # a validation folder of links, one of them to a training image
+        train_image = next((tmp_path / "data" / "train" / "1").iterdir())
+        (tmp_path / "data" / "validation" / "1" / "linked.png").symlink_to(train_image)
+    elif case == "splits as train_dir":
+        data = ["--train_dir", tmp_path / "data"]
+    elif case == "mistyped model":
+        model = ["--model_name_or_path", "mymodle"]
+    run = train(environment, *data, *model, "--output_dir", tmp_path / "out", "--max_train_steps", 1)
+    assert run.returncode != 0 and "Traceback" not in run.stdout
+    assert message in run.stdout, run.stdout[-3000:]
 
 
 # ---- starting points and evaluation transform (in process) ------------------------------------------------------

@@ -1,0 +1,366 @@
+"""What users hand our commands: image folders, label columns and model names.
+
+ffvt-predict, ffvt-evaluate, the ONNX export and train_hf.py read them through this module, so that one rule holds
+everywhere and every refusal says what to change. Image folders are read here rather than by `datasets`' imagefolder
+builder, which infers splits from folder and file names (a class folder named `train` becomes a split) and labels
+from the last folder of each path; here the layout is decided once, from the tree's shape, and `datasets` receives
+explicit file lists and class labels.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoModelForImageClassification
+
+from .image_processor import load_image_processor
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+# Names left behind by archive tools (__MACOSX), Windows (Thumbs.db, desktop.ini, $RECYCLE.BIN, System Volume
+# Information), Synology NAS indexing (@eaDir) and Python (__pycache__). Hidden names (a leading dot) cover macOS'
+# .DS_Store and ._* AppleDouble files, .ipynb_checkpoints, .git and .Trash-*.
+SYSTEM_NAMES = frozenset(
+    {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information", "@eaDir", "__pycache__"}
+)
+# The folder names taken for splits, as `datasets` spells them (case is ignored).
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SPLIT_OF_NAME = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
+# Files that make a folder a table data set for `load_dataset(folder)` rather than an image folder.
+TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"})
+LAYOUTS = "FOLDER/CLASS/image files, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden or a system name that no data set means to contain."""
+    return name.startswith(".") or name in SYSTEM_NAMES
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path.name)
+
+
+@dataclass
+class FolderScan:
+    """The image files below a folder (sorted, hidden and system entries left out) and how many entries were left
+    out: each hidden file counts once, and so does each hidden folder, whose contents are not looked at."""
+
+    images: list[Path] = field(default_factory=list)
+    skipped: int = 0
+
+    def __iadd__(self, other: "FolderScan") -> "FolderScan":
+        self.images += other.images
+        self.skipped += other.skipped
+        return self
+
+
+def scan_images(folder: str | os.PathLike) -> FolderScan:
+    """Every image file below `folder` (by extension), in sorted path order, without entering hidden folders."""
+    scan = FolderScan()
+    for top, folders, files in os.walk(folder):
+        kept = sorted(name for name in folders if not is_hidden(name))
+        scan.skipped += len(folders) - len(kept) + sum(is_hidden(name) for name in files)
+        folders[:] = kept  # os.walk descends only into what is left here
+        scan.images += [Path(top, name) for name in sorted(files) if is_image_file(Path(name))]
+    return scan
+
+
+def skipped_note(skipped: int, where: str) -> str | None:
+    """A line for the user when hidden or system entries were left out of `where`; None when none were."""
+    if not skipped:
+        return None
+    entries = "entry" if skipped == 1 else "entries"
+    return (
+        f"Skipped {skipped} hidden or system {entries} in {where} (names starting with '.', such as .DS_Store and "
+        f"macOS ._ files, and {', '.join(sorted(SYSTEM_NAMES))})."
+    )
+
+
+@dataclass
+class ImageFolder:
+    """An image folder read as splits of (image path, class name) pairs; `skipped` as in `FolderScan`."""
+
+    splits: dict[str, tuple[list[str], list[str]]]
+    skipped: int
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({name for _, labels in self.splits.values() for name in labels})
+
+    def to_dataset_dict(self, image_column: str = "image", label_column: str = "label") -> datasets.DatasetDict:
+        """The splits as a DatasetDict with undecoded image paths and one ClassLabel (sorted class names) for all."""
+        features = datasets.Features(
+            {image_column: datasets.Image(decode=False), label_column: datasets.ClassLabel(names=self.class_names)}
+        )
+        return datasets.DatasetDict(
+            {
+                split: datasets.Dataset.from_dict({image_column: paths, label_column: labels}, features=features)
+                for split, (paths, labels) in self.splits.items()
+            }
+        )
+
+
+def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
+    """(paths, class names, skipped) of FOLDER/CLASS/... trees: the class is the first folder below `folder`."""
+    paths, labels, skipped = [], [], 0
+    top = scan_images_shallow(folder)
+    if top.images:
+        raise SystemExit(
+            f"{flag} {folder} has images directly inside it ({_some(top.images)}): put them in one folder per class, "
+            f"as in {LAYOUTS}."
+        )
+    skipped += top.skipped
+    for class_folder in top.folders:
+        scan = scan_images(class_folder)
+        skipped += scan.skipped
+        paths += [str(path) for path in scan.images]
+        labels += [class_folder.name] * len(scan.images)
+    return paths, labels, skipped
+
+
+@dataclass
+class _Shallow:
+    folders: list[Path]
+    images: list[Path]
+    skipped: int
+
+
+def scan_images_shallow(folder: Path) -> _Shallow:
+    """The visible subfolders and image files directly inside `folder`, sorted."""
+    entries = sorted(folder.iterdir())
+    visible = [entry for entry in entries if not is_hidden(entry.name)]
+    return _Shallow(
+        folders=[entry for entry in visible if entry.is_dir()],
+        images=[entry for entry in visible if entry.is_file() and is_image_file(entry)],
+        skipped=len(entries) - len(visible),
+    )
+
+
+def _some(paths: list[Path], count: int = 3) -> str:
+    names = ", ".join(path.name for path in paths[:count])
+    return names + (f" and {len(paths) - count} more" if len(paths) > count else "")
+
+
+def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str = "train") -> ImageFolder:
+    """Read an image folder whose layout is decided by its shape, not by its names alone.
+
+    - FOLDER/CLASS/files: every visible subfolder holds image files itself; it is a class, whatever its name
+      (`train` included), and all images form the split `default_split`.
+    - FOLDER/SPLIT/CLASS/files: every visible subfolder holds only folders and is named as a split (train,
+      validation, test, or an alias such as val or dev); each of its subfolders is a class.
+
+    Images below a class folder, at any depth, belong to that class. Hidden and system entries are skipped
+    (`is_hidden`). Raises SystemExit, naming `flag` and the folder, for a missing or empty folder, images outside
+    class folders, subfolders of both kinds, split-like folders that could equally be classes of unlabelled splits,
+    non-split names in a SPLIT layout, and two folders for one split.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise SystemExit(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
+    top = scan_images_shallow(root)
+    if not top.folders:
+        found = f"only images ({_some(top.images)})" if top.images else "no images"
+        raise SystemExit(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
+    shallow = {sub: scan_images_shallow(sub) for sub in top.folders}
+    # An empty folder is neither a class nor a split: leave it out.
+    top.folders = [sub for sub in top.folders if shallow[sub].images or shallow[sub].folders]
+    if not top.folders:
+        raise SystemExit(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
+    holds_images = {sub: bool(shallow[sub].images) for sub in top.folders}
+    split_named = {sub: sub.name.lower() in _SPLIT_OF_NAME for sub in top.folders}
+    if all(holds_images.values()):
+        if all(split_named.values()):
+            raise SystemExit(
+                f"{flag} {root}: its folders ({', '.join(sub.name for sub in top.folders)}) are named like splits but "
+                "hold images directly, so they could be classes or unlabelled splits. Put each split's images in "
+                f"class folders ({root}/{top.folders[0].name}/CLASS/image), or give classes other names. Layouts read: "
+                f"{LAYOUTS}."
+            )
+        paths, labels, skipped = _classes_in(root, flag)
+        return ImageFolder({default_split: (paths, labels)}, skipped)
+    if any(holds_images.values()):
+        with_images = [sub.name for sub, has in holds_images.items() if has]
+        without = [sub.name for sub, has in holds_images.items() if not has]
+        raise SystemExit(
+            f"{flag} {root} mixes class folders that hold images ({', '.join(with_images[:5])}) with folders that "
+            f"hold only folders ({', '.join(without[:5])}). Lay it out as {LAYOUTS}."
+        )
+    not_splits = [sub.name for sub, named in split_named.items() if not named]
+    if not_splits:
+        raise SystemExit(
+            f"{flag} {root}: its folders hold folders, as splits of class folders do, but {', '.join(not_splits[:5])} "
+            f"{'is not a split name' if len(not_splits) == 1 else 'are not split names'}. Lay it out as {LAYOUTS}, "
+            f"or point {flag} at a folder of class folders."
+        )
+    splits, skipped = {}, top.skipped
+    for sub in top.folders:
+        split = _SPLIT_OF_NAME[sub.name.lower()]
+        if split in splits:
+            raise SystemExit(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
+        paths, labels, sub_skipped = _classes_in(sub, flag)
+        splits[split] = (paths, labels)
+        skipped += sub_skipped
+    return ImageFolder(splits, skipped)
+
+
+def is_table_folder(folder: str | os.PathLike) -> bool:
+    """Whether a local folder holds data files (CSV, JSON, Parquet, ...) that `load_dataset(folder)` reads as
+    tables, rather than images to read with `read_image_folder`."""
+    return any(
+        Path(name).suffix.lower() in TABLE_EXTENSIONS
+        for _, _, files in os.walk(folder)
+        for name in files
+        if not is_hidden(name)
+    )
+
+
+def check_disjoint(splits: dict[str, list[str]]) -> None:
+    """Raise SystemExit naming the files that two splits share (compared after resolving links)."""
+    seen = {}
+    for split, paths in splits.items():
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in seen and seen[real][0] != split:
+                other, other_path = seen[real]
+                raise SystemExit(
+                    f"{path} is in both the {other} and the {split} split (as {other_path}): an image may be in one "
+                    "split only. Give folders that do not overlap."
+                )
+            seen[real] = (split, path)
+
+
+def label_kind(feature, column: str, data: str) -> str:
+    """"names" (ClassLabel or strings), or "ids" (integers) for a label column; SystemExit for anything else."""
+    if isinstance(feature, datasets.ClassLabel):
+        return "names"
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return "names"
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        return "ids"
+    raise SystemExit(
+        f"The label column {column!r} of {data} holds {feature}: it must hold one class per image, as class names "
+        "(strings or a ClassLabel) or class indices (integers). Choose the column with --label_column_name."
+    )
+
+
+def label_values(split: datasets.Dataset, column: str, data: str) -> list:
+    """The column's labels, ClassLabel indices turned into their names; SystemExit naming rows without a label."""
+    feature = split.features[column]
+    values = split[column]
+    missing = [row for row, value in enumerate(values) if value is None or value != value]  # None, or NaN from CSV
+    if missing:
+        raise SystemExit(
+            f"{len(missing)} rows of {data} have no value in the label column {column!r} (rows "
+            f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''}): label or remove them."
+        )
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.names[value] for value in values]
+    return values
+
+
+def unknown_names_message(unknown: list[str], known: list[str], whose: str) -> str:
+    shown = ", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")
+    return (
+        f"{whose} has no class named {', '.join(map(repr, sorted(unknown)[:20]))}"
+        f"{' (and more)' if len(unknown) > 20 else ''}. Its {len(known)} classes are {shown}."
+    )
+
+
+def ids_out_of_range_message(bad: list[int], num_labels: int, whose: str) -> str:
+    return (
+        f"Labels {sorted(set(bad))[:10]} are outside {whose}'s {num_labels} classes (0..{num_labels - 1}). Give "
+        "labels as class names, or integer class ids of that range."
+    )
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hub repository id of the form owner/name (every FFVT model on the Hub has an owner)."""
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_name(name: str, flag: str = "--model") -> None:
+    """Raise SystemExit at once for a model name that is neither a folder nor a possible Hub id, instead of letting
+    transformers spend its network retries on it."""
+    path = Path(name)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise SystemExit(
+            f"{flag} {name} is a file: give the folder the model was saved in (it holds config.json and "
+            "model.safetensors), or a Hub id owner/name."
+        )
+    if not looks_like_hub_id(name):
+        raise SystemExit(
+            f"{flag} {name}: there is no folder of that name (looked in {Path.cwd()}). Give the folder a model was "
+            "saved in (train_hf.py's --output_dir), or a Hub id of the form owner/name."
+        )
+
+
+def model_load_error(name: str, error: Exception, flag: str = "--model") -> SystemExit:
+    """The message for a model that `from_pretrained` could not load: a Hub id out of reach, or a broken folder."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).is_dir():
+        return SystemExit(f"{flag} {name}: cannot load the model saved in this folder: {reason}")
+    return SystemExit(
+        f"{flag} {name}: cannot load it from the Hub ({reason}), and there is no local folder of that name either. "
+        "Check the name and your connection, or give the folder a model was saved in."
+    )
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No transformers progress bars inside: "Loading weights" of a local folder, or "Writing model shards" at each
+    evaluation that improved, says nothing and buries what the command prints (downloads keep their bars)."""
+    were_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def load_classifier(name: str, flag: str = "--model", **from_pretrained_kwargs):
+    """(model, image processor) saved in a folder or Hub repository, or SystemExit saying why they cannot be."""
+    check_model_name(name, flag)
+    try:
+        with quiet_progress_bars():
+            model = AutoModelForImageClassification.from_pretrained(name, **from_pretrained_kwargs)
+        processor = load_image_processor(name)
+    except (OSError, ValueError) as error:
+        raise model_load_error(name, error, flag) from None
+    return model, processor
+
+
+def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str):
+    """(DatasetDict, note on skipped entries or None) of a local image folder (`read_image_folder`, its columns
+    named `image_column` and `label_column`), or of what `datasets.load_dataset(name)` reads: a Hub data set or a
+    folder of tables. Progress bars stay off for local data, which nothing downloads."""
+    if os.path.isdir(name) and not is_table_folder(name):
+        folder = read_image_folder(name, flag, default_split)
+        return folder.to_dataset_dict(image_column, label_column), skipped_note(folder.skipped, name)
+    local = os.path.isdir(name)
+    if local:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(name), None
+    except (FileNotFoundError, ValueError) as error:  # a missing Hub data set is a FileNotFoundError
+        raise SystemExit(f"{flag} {name}: cannot load the data set: {error}") from None
+    finally:
+        if local:
+            datasets.enable_progress_bars()
