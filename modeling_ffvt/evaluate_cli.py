@@ -52,7 +52,9 @@ def parse_args(argv=None):
 def load_split(args) -> tuple[datasets.Dataset, str]:
     """The split to evaluate, with undecoded images (load_rgb reads them), and its name."""
     flag, name = ("--data_dir", args.data_dir) if args.data_dir is not None else ("--dataset_name", args.dataset_name)
-    dataset, note = load_data(name, flag, args.image_column_name, args.label_column_name, default_split="all")
+    dataset, note = load_data(
+        name, flag, args.image_column_name, args.label_column_name, "all", images_only=args.data_dir is not None
+    )
     if note:
         print(note, file=sys.stderr)
     if args.split is not None:

@@ -149,7 +149,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, _ = load_classifier(args.model, attn_implementation=args.attn_implementation)
+    model, _ = load_classifier(args.model, with_processor=False, attn_implementation=args.attn_implementation)
     if model.config.model_type != "ffvt":
         raise SystemExit(f"{args.model} is a {model.config.model_type} model, not FFVT.")
     try:

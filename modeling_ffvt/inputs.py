@@ -335,23 +335,24 @@ def quiet_progress_bars():
             transformers.utils.logging.enable_progress_bar()
 
 
-def load_classifier(name: str, flag: str = "--model", **from_pretrained_kwargs):
-    """(model, image processor) saved in a folder or Hub repository, or SystemExit saying why they cannot be."""
+def load_classifier(name: str, flag: str = "--model", with_processor: bool = True, **from_pretrained_kwargs):
+    """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or SystemExit
+    saying why they cannot be loaded."""
     check_model_name(name, flag)
     try:
         with quiet_progress_bars():
             model = AutoModelForImageClassification.from_pretrained(name, **from_pretrained_kwargs)
-        processor = load_image_processor(name)
+        processor = load_image_processor(name) if with_processor else None
     except (OSError, ValueError) as error:
         raise model_load_error(name, error, flag) from None
     return model, processor
 
 
-def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str):
+def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False):
     """(DatasetDict, note on skipped entries or None) of a local image folder (`read_image_folder`, its columns
-    named `image_column` and `label_column`), or of what `datasets.load_dataset(name)` reads: a Hub data set or a
-    folder of tables. Progress bars stay off for local data, which nothing downloads."""
-    if os.path.isdir(name) and not is_table_folder(name):
+    named `image_column` and `label_column`), or, unless `images_only`, of what `datasets.load_dataset(name)` reads:
+    a Hub data set or a folder of tables. Progress bars stay off for local data, which nothing downloads."""
+    if images_only or (os.path.isdir(name) and not is_table_folder(name)):
         folder = read_image_folder(name, flag, default_split)
         return folder.to_dataset_dict(image_column, label_column), skipped_note(folder.skipped, name)
     local = os.path.isdir(name)

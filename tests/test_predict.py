@@ -113,5 +113,5 @@ def test_bad_inputs_are_named_before_anything_runs(images, tmp_path, capsys):
 
 def test_a_missing_model_is_a_clear_error(images, tmp_path):
     _, paths = images
-    with pytest.raises(SystemExit, match="cannot load the model"):
+    with pytest.raises(SystemExit, match="no-model: there is no folder of that name"):
         main([str(paths[0]), "--model", str(tmp_path / "no-model")])
