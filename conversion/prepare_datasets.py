@@ -202,26 +202,6 @@ def prepare(name, data_root, output_dir, *, copy=False, check_counts=True, overw
     return found
 
 
-def prepare_cub(data_root, output_dir, **options):
-    """CUB-200-2011 to image folders; options as for `prepare`."""
-    return prepare("cub", data_root, output_dir, **options)
-
-
-def prepare_dogs(data_root, output_dir, **options):
-    """Stanford Dogs to image folders (needs scipy); options as for `prepare`."""
-    return prepare("dogs", data_root, output_dir, **options)
-
-
-def prepare_cotton(data_root, output_dir, **options):
-    """Cotton to image folders; options as for `prepare`."""
-    return prepare("cotton", data_root, output_dir, **options)
-
-
-def prepare_soyloc(data_root, output_dir, **options):
-    """Soy.Loc to image folders; options as for `prepare`."""
-    return prepare("soyloc", data_root, output_dir, **options)
-
-
 def main(argv=None):
     """Command-line entry point; exits with a message on stderr when the data do not check out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

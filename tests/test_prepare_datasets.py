@@ -125,14 +125,14 @@ def test_prepare_writes_symlinked_image_folders_in_label_order(name, tmp_path):
 def test_cub_without_classes_file_names_classes_after_folders(tmp_path):
     source, output = tmp_path / "source", tmp_path / "out"
     native_labels = make_cub(source, with_class_file=False)
-    prepare_datasets.prepare_cub(source, output, check_counts=False)
+    prepare_datasets.prepare("cub", source, output, check_counts=False)
     check_labels(output, tmp_path / "cache", native_labels, EXPECTED_CLASSES["cub"])
 
 
 def test_copy_writes_real_files(tmp_path):
     source, output = tmp_path / "source", tmp_path / "out"
     make_anno(source)
-    prepare_datasets.prepare_cotton(source, output, copy=True, check_counts=False)
+    prepare_datasets.prepare("cotton", source, output, copy=True, check_counts=False)
     copied = output / "train" / "03" / "plant_3_a.png"
     assert copied.is_file() and not copied.is_symlink()
     assert copied.read_bytes() == (source / "images" / "plant_3_a.png").read_bytes()
@@ -141,7 +141,7 @@ def test_copy_writes_real_files(tmp_path):
 def test_count_check_lists_expected_and_found(tmp_path):
     make_cub(tmp_path / "source")
     with pytest.raises(ValueError) as error:
-        prepare_datasets.prepare_cub(tmp_path / "source", tmp_path / "out")
+        prepare_datasets.prepare("cub", tmp_path / "source", tmp_path / "out")
     message = str(error.value)
     for line in ("classes: expected 200, found 3", "train: expected 5994, found 3", "test: expected 5794, found 2"):
         assert line in message
@@ -154,7 +154,7 @@ def test_missing_images_are_listed(tmp_path):
     make_anno(source)
     write_lines(source / "anno" / "test.txt", [f"gone_{i}.png 1" for i in range(12)])
     with pytest.raises(FileNotFoundError) as error:
-        prepare_datasets.prepare_soyloc(source, tmp_path / "out", check_counts=False)
+        prepare_datasets.prepare("soyloc", source, tmp_path / "out", check_counts=False)
     message = str(error.value)
     assert "12 listed images are missing" in message and "gone_9.png" in message and "and 2 more" in message
 
