@@ -122,6 +122,26 @@ def test_scripts_have_help(script):
     assert result.returncode == 0 and "--pytorch_dump_folder_path" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("convert_original_ffvt_to_hf.py", ["--checkpoint_path"]),
+        ("convert_vit_npz_to_hf.py", ["--num_labels", "6", "--npz_path"]),
+    ],
+    ids=["original", "npz"],
+)
+def test_scripts_report_bad_files_without_a_traceback(tmp_path, script, flags):
+    garbage, out = tmp_path / "garbage.npz", tmp_path / "out"
+    garbage.write_bytes(b"nothing")
+    result = subprocess.run(
+        [sys.executable, f"conversion/{script}", "--image_size", "56", "--pytorch_dump_folder_path", str(out), *flags,
+         str(garbage)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"cannot convert {garbage}" in result.stderr and not out.exists()
+
+
 def test_not_a_checkpoint_gets_a_clear_error(tmp_path):
     list_file = tmp_path / "list.bin"
     torch.save([torch.zeros(1)], list_file)

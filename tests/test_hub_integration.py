@@ -33,7 +33,7 @@ def saved_folder(tmp_path):
 def test_round_trip_keeps_weights_config_and_outputs(saved_folder):
     model, folder = saved_folder
     assert (folder / "model.safetensors").exists()
-    assert {"configuration_ffvt.py", "modeling_ffvt.py"} <= set(os.listdir(folder))
+    assert {"configuration_ffvt.py", "modeling_ffvt.py", "loading.py"} <= set(os.listdir(folder))
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "ffvt" and config["num_token"] == 3 and config["feature_fusion"] is True
     assert config["auto_map"] == {
