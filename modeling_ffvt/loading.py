@@ -2,8 +2,8 @@
 implies, and copying its tensors into a model (with the original's position-embedding resizing).
 
 Families:
-    HUB_VIT        ViT checkpoints as the Hub stores them (`ViTModel`, or `ViTForImageClassification` under `vit.`).
     GOOGLE_NPZ     Google's ViT `.npz` files (ViT-B_16.npz, ... as the paper starts from).
+    HUB_VIT        ViT checkpoints as the Hub stores them (`ViTModel`, or `ViTForImageClassification` under `vit.`).
     ORIGINAL_FFVT  What the original FFVT `train.py` saves (github:Markin-Wang/FFVT).
 
 A family is a `CheckpointFamily`: a table from FFVT's names to the family's, and what its files are. A `Checkpoint`
@@ -242,7 +242,7 @@ class Checkpoint:
         if entry is None:
             return None, None
         stored_name, convert = (entry, None) if isinstance(entry, str) else entry
-        return stored_name.format(i=layer and layer[1]), convert
+        return (stored_name if layer is None else stored_name.format(i=layer[1])), convert
 
     def __contains__(self, name: str) -> bool:
         return self._entry(name)[0] in self.tensors
@@ -325,7 +325,7 @@ def read_original_checkpoint(checkpoint_path: str | os.PathLike) -> Checkpoint:
 # The configuration a checkpoint fits.
 
 
-def square_grid_side(position_embeddings: torch.Tensor) -> int | None:
+def _square_grid_side(position_embeddings: torch.Tensor) -> int | None:
     """The side of the square patch grid of (1, 1 + side * side, hidden) position embeddings; None if not square."""
     num_patches = position_embeddings.shape[1] - 1
     side = math.isqrt(num_patches)
@@ -357,7 +357,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
     if "classifier.weight" in checkpoint:
         sizes["num_labels"] = checkpoint["classifier.weight"].shape[0]
     if config_kwargs.get("image_size") is None:
-        side = square_grid_side(checkpoint["vit.embeddings.position_embeddings"])
+        side = _square_grid_side(checkpoint["vit.embeddings.position_embeddings"])
         if side is None or patch_size[0] != patch_size[1]:
             raise ValueError(
                 f"The patch grid of {checkpoint.source} is not square, so its image size is unknown: give image_size."
@@ -379,7 +379,7 @@ def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tup
     Raises:
         ValueError: the grid is not square.
     """
-    side = square_grid_side(position_embeddings)
+    side = _square_grid_side(position_embeddings)
     if side is None:
         raise ValueError(
             f"Expected position embeddings of a square patch grid, got {position_embeddings.shape[1] - 1} patch "
@@ -459,5 +459,4 @@ __all__ = [
     "read_state_dict",
     "read_vit_backbone",
     "resize_position_embeddings",
-    "square_grid_side",
 ]
