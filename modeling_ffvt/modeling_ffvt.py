@@ -13,15 +13,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from safetensors.torch import load_file
-from transformers import ViTConfig, ViTPreTrainedModel
+from transformers import ViTPreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
 from .configuration_ffvt import FFVTConfig, _pair
+from .loading import config_from_checkpoint, load_vit_backbone, read_vit_backbone
 
 
 @dataclass
@@ -622,40 +622,6 @@ class FFVTModel(FFVTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """
-    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g patch grid to `grid_size` as the original does
-    when it starts from a checkpoint trained at another resolution: the CLS entry is kept and the grid is resized by
-    linear interpolation with corners aligned (what `scipy.ndimage.zoom(order=1)` computes).
-    """
-    cls_position, grid = position_embeddings[:, :1], position_embeddings[:, 1:]
-    side = math.isqrt(grid.shape[1])
-    if side * side != grid.shape[1]:
-        raise ValueError(f"Expected position embeddings of a square patch grid, got {grid.shape[1]} patch positions.")
-    if (side, side) == tuple(grid_size):
-        return position_embeddings
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).double()
-    grid = nn.functional.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=True)
-    grid = grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)
-    return torch.cat([cls_position, grid], dim=1)
-
-
-def read_checkpoint(pretrained_model_name_or_path: str, **hub_kwargs) -> dict[str, torch.Tensor]:
-    """The state dict of a Hub id or local folder, from `model.safetensors` or else `pytorch_model.bin`."""
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        path = cached_file(
-            pretrained_model_name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
-        if path is not None:
-            if filename.endswith(".safetensors"):
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    raise OSError(
-        f"{pretrained_model_name_or_path} holds neither model.safetensors nor pytorch_model.bin: point to a folder or "
-        "Hub repository saved with save_pretrained."
-    )
-
-
 class FFVTForImageClassification(FFVTPreTrainedModel):
     """FFVT with a linear classifier on the final CLS token."""
 
@@ -721,73 +687,40 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         **config_kwargs,
     ) -> "FFVTForImageClassification":
         """
-        Starts FFVT from a Hub ViT checkpoint (a `ViTModel` or `ViTForImageClassification` folder or Hub id, e.g.
-        `google/vit-base-patch16-224-in21k`, which holds the weights of the paper's ViT-B_16.npz) the way the
-        original starts from Google's `.npz`: the architecture comes from the checkpoint's config, the position
-        embeddings are resized to `image_size`, the first `num_hidden_layers - 1` layers are loaded (all of them and
-        the final LayerNorm with `feature_fusion=False`), and the fusion layer, its LayerNorm and the zero head are
-        fresh. LayerNorm epsilon stays the original's 1e-6 whatever the checkpoint's config says.
+        Starts FFVT from a ViT checkpoint the way the original starts from Google's `.npz`: a Hub ViT (a `ViTModel` or
+        `ViTForImageClassification` folder or Hub id, e.g. `google/vit-base-patch16-224-in21k`, which holds the
+        weights of the paper's ViT-B_16.npz) or one of Google's `.npz` files itself (a path ending in `.npz`). The
+        architecture comes from the checkpoint, the position embeddings are resized to `image_size`, the first
+        `num_hidden_layers - 1` layers are loaded (all of them and the final LayerNorm with `feature_fusion=False`),
+        and the fusion layer, its LayerNorm and the zero head are fresh. LayerNorm epsilon stays the original's 1e-6
+        whatever a Hub config says.
 
         Args:
-            pretrained_model_name_or_path (`str`): Hub id or local folder of the ViT checkpoint.
+            pretrained_model_name_or_path (`str`): Hub id or local folder of a ViT, or the path of a `.npz` file.
             num_labels (`int`): Number of classes of the new head.
             image_size (`int` or `tuple[int, int]`, *optional*): Input resolution; defaults to the checkpoint's.
             num_token (`int`, *optional*, defaults to 12): Tokens MAWS keeps per layer.
             feature_fusion (`bool`, *optional*, defaults to `True`): `False` gives the plain ViT baseline.
             hub_kwargs (`dict`, *optional*): `revision`, `token`, `cache_dir`, ... for reading from the Hub.
             config_kwargs: Further [`FFVTConfig`] arguments (`id2label`, `hidden_dropout_prob`, ...).
+
+        Raises:
+            OSError: a folder or Hub id without a config or weights.
+            ValueError: a file that cannot be read, or that lacks a tensor or has one of another shape; the message
+                names the file and the tensor.
         """
-        hub_kwargs = hub_kwargs or {}
-        vit_config = ViTConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        config = FFVTConfig(
-            hidden_size=vit_config.hidden_size,
-            num_hidden_layers=vit_config.num_hidden_layers,
-            num_attention_heads=vit_config.num_attention_heads,
-            intermediate_size=vit_config.intermediate_size,
-            hidden_act=vit_config.hidden_act,
-            patch_size=vit_config.patch_size,
-            num_channels=vit_config.num_channels,
-            qkv_bias=vit_config.qkv_bias,
-            image_size=vit_config.image_size if image_size is None else image_size,
+        checkpoint = read_vit_backbone(pretrained_model_name_or_path, **(hub_kwargs or {}))
+        config = config_from_checkpoint(
+            checkpoint,
             num_labels=num_labels,
+            image_size=image_size,
             num_token=num_token,
             feature_fusion=feature_fusion,
             **config_kwargs,
         )
         model = cls(config)
-        model.load_vit_backbone(read_checkpoint(pretrained_model_name_or_path, **hub_kwargs))
+        load_vit_backbone(model, checkpoint)
         return model
-
-    @torch.no_grad()
-    def load_vit_backbone(self, state_dict: dict[str, torch.Tensor]):
-        """
-        Copies a ViT backbone in the Hub layout (keys with or without the `vit.` prefix) into this model: embeddings
-        (position embeddings resized to this model's grid), the layers before the fusion layer, and, without feature
-        fusion, every layer and the final LayerNorm. Anything else in `state_dict` (a pooler, a head) is ignored.
-        """
-        state_dict = {key.removeprefix("vit."): value for key, value in state_dict.items()}
-        wanted = [
-            key
-            for key in self.vit.state_dict()
-            if key.startswith(("embeddings.", "encoder.layer.", "layernorm."))
-        ]
-        missing = [key for key in wanted if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"Not a ViT checkpoint for this architecture: {len(missing)} of its tensors are missing, e.g. "
-                f"{missing[:5]}. Expected Hub ViT names such as 'embeddings.cls_token' and "
-                "'encoder.layer.0.attention.attention.query.weight'."
-            )
-        backbone = {key: state_dict[key] for key in wanted}
-        backbone["embeddings.position_embeddings"] = resize_position_embeddings(
-            backbone["embeddings.position_embeddings"], self.config.grid_size
-        )
-        own = self.vit.state_dict()
-        mismatched = [f"{key}: {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in backbone.items()
-                      if value.shape != own[key].shape]
-        if mismatched:
-            raise ValueError(f"The checkpoint's shapes do not fit this configuration: {mismatched[:5]}")
-        self.vit.load_state_dict(backbone, strict=False)
 
 
 __all__ = [

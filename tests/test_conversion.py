@@ -11,24 +11,22 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, ViTConfig
 
 from conftest import FIXTURES, original_case
-from conversion.convert_original_ffvt_to_hf import convert_original_checkpoint, rename_original_state_dict
-from conversion.convert_vit_npz_to_hf import convert_vit_npz, npz_to_vit_state_dict, read_npz
+from conversion.convert_original_ffvt_to_hf import convert_original_checkpoint
+from conversion.convert_vit_npz_to_hf import convert_vit_npz
 from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.loading import ORIGINAL_FFVT, Checkpoint
 
 NPZ = FIXTURES / "vit_tiny.npz"
 NPZ_CONFIG = json.loads((FIXTURES / "npz_config.json").read_text())
 
 
-def original_load_from(feature_fusion: bool) -> dict[str, torch.Tensor]:
-    name = "fusion" if feature_fusion else "nofusion"
-    return rename_original_state_dict(load_file(FIXTURES / f"npz_loaded_{name}.safetensors"))
-
-
 def assert_started_like_the_original(model: FFVTForImageClassification, feature_fusion: bool):
     """Loaded tensors equal the original's load_from; fresh ones are initialised as the original does."""
-    expected = original_load_from(feature_fusion)
+    fixture = FIXTURES / f"npz_loaded_{'fusion' if feature_fusion else 'nofusion'}.safetensors"
+    original = Checkpoint(load_file(fixture), ORIGINAL_FFVT, fixture)
     state_dict = model.state_dict()
-    assert set(state_dict) == set(expected)
+    expected = {key: original[key] for key in state_dict}  # every tensor of ours is one of the original's
+    assert original.unread() == []  # and every tensor of the original's is one of ours
     for key, value in state_dict.items():
         if "fusion" not in key:
             torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
@@ -54,7 +52,8 @@ def test_npz_start_equals_the_originals_load_from(feature_fusion):
 
 def write_hub_vit(folder, with_head: bool):
     """A ViT checkpoint as the Hub stores it (classic names), from the same weights as vit_tiny.npz."""
-    state_dict = npz_to_vit_state_dict(read_npz(NPZ))
+    plain_vit = FFVTForImageClassification.from_vit_pretrained(NPZ, num_labels=1, feature_fusion=False)
+    state_dict = plain_vit.vit.state_dict()
     state_dict["pooler.dense.weight"] = torch.randn(48, 48)
     state_dict["pooler.dense.bias"] = torch.randn(48)
     if with_head:
@@ -123,6 +122,26 @@ def test_scripts_have_help(script):
     assert result.returncode == 0 and "--pytorch_dump_folder_path" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("convert_original_ffvt_to_hf.py", ["--checkpoint_path"]),
+        ("convert_vit_npz_to_hf.py", ["--num_labels", "6", "--npz_path"]),
+    ],
+    ids=["original", "npz"],
+)
+def test_scripts_report_bad_files_without_a_traceback(tmp_path, script, flags):
+    garbage, out = tmp_path / "garbage.npz", tmp_path / "out"
+    garbage.write_bytes(b"nothing")
+    result = subprocess.run(
+        [sys.executable, f"conversion/{script}", "--image_size", "56", "--pytorch_dump_folder_path", str(out), *flags,
+         str(garbage)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"cannot convert {garbage}" in result.stderr and not out.exists()
+
+
 def test_not_a_checkpoint_gets_a_clear_error(tmp_path):
     list_file = tmp_path / "list.bin"
     torch.save([torch.zeros(1)], list_file)
@@ -134,7 +153,7 @@ def test_not_a_checkpoint_gets_a_clear_error(tmp_path):
         convert_original_checkpoint(garbage)
     other = tmp_path / "other.bin"
     torch.save({"encoder.weight": torch.zeros(2)}, other)
-    with pytest.raises(ValueError, match="does not look like an original FFVT checkpoint"):
+    with pytest.raises(ValueError, match="expected an original FFVT checkpoint"):
         convert_original_checkpoint(other)
 
 
@@ -154,7 +173,8 @@ def test_bad_npz_files_get_clear_errors(tmp_path):
     garbage.write_bytes(b"nothing")
     with pytest.raises(ValueError, match="not a readable .npz"):
         convert_vit_npz(garbage, 56, 6)
-    partial = {name: value for name, value in read_npz(NPZ).items() if "MlpBlock_3/Dense_1/kernel" not in name}
+    with np.load(NPZ) as arrays:
+        partial = {name: arrays[name] for name in arrays.files if "MlpBlock_3/Dense_1/kernel" not in name}
     np.savez(tmp_path / "partial.npz", **partial)
     with pytest.raises(ValueError, match="MlpBlock_3/Dense_1/kernel"):
         convert_vit_npz(tmp_path / "partial.npz", 56, 6)
@@ -168,7 +188,7 @@ def test_hub_checkpoint_of_another_model_gets_a_clear_error(tmp_path):
     folder.mkdir()
     save_file({"encoder.weight": torch.zeros(2)}, folder / "model.safetensors")
     ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8).save_pretrained(folder)
-    with pytest.raises(ValueError, match="Not a ViT checkpoint"):
+    with pytest.raises(ValueError, match="expected a ViT checkpoint"):
         FFVTForImageClassification.from_vit_pretrained(str(folder), num_labels=3, num_token=2)
     empty = tmp_path / "empty"
     empty.mkdir()

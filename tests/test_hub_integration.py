@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
-from conftest import save_tiny_model
+from conftest import FIXTURES, save_tiny_model
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -33,7 +33,7 @@ def saved_folder(tmp_path):
 def test_round_trip_keeps_weights_config_and_outputs(saved_folder):
     model, folder = saved_folder
     assert (folder / "model.safetensors").exists()
-    assert {"configuration_ffvt.py", "modeling_ffvt.py"} <= set(os.listdir(folder))
+    assert {"configuration_ffvt.py", "modeling_ffvt.py", "loading.py"} <= set(os.listdir(folder))
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "ffvt" and config["num_token"] == 3 and config["feature_fusion"] is True
     assert config["auto_map"] == {
@@ -106,8 +106,11 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         classifier = pipeline("image-classification", model={str(folder)!r}, trust_remote_code=True)
         predictions = classifier({str(tmp_path / "digit.png")!r}, top_k=5)
+        # The shipped loading.py works on its own: start a model from Google's .npz through the remote class.
+        started = type(model).from_vit_pretrained({str(FIXTURES / "vit_tiny.npz")!r}, 6, 56, num_token=4)
         print(json.dumps({{"model": type(model).__name__, "module": type(model).__module__,
-                           "base": type(base).__name__, "predictions": predictions}}))
+                           "base": type(base).__name__, "predictions": predictions,
+                           "started_grid": started.config.grid_size}}))
         """
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
@@ -116,6 +119,7 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["model"] == "FFVTForImageClassification" and report["base"] == "FFVTModel"
     assert report["module"].startswith("transformers_modules")
+    assert report["started_grid"] == [7, 7]
     scores = {p["label"]: p["score"] for p in report["predictions"]}
     for index, probability in enumerate(expected.tolist()):
         assert abs(scores[f"digit_{index}"] - probability) < 1e-5
