@@ -18,6 +18,7 @@ import resource
 import shlex
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -27,16 +28,22 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
-from modeling_ffvt.data import RECIPES, FGVCTransform, find_unreadable_images, load_rgb, sample_generator
-from modeling_ffvt.evaluation import load_fgvc_accuracy
-from modeling_ffvt.image_processor import default_resize_size, load_image_processor, make_image_processor
+from modeling_ffvt.data import (
+    RECIPES,
+    FGVCTransform,
+    ImageClassificationDataset,
+    ProcessorTransform,
+    find_unreadable_images,
+)
+from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
+from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
     ImageFolder,
     check_disjoint,
@@ -51,12 +58,11 @@ from modeling_ffvt.inputs import (
     skipped_note,
     unknown_names_message,
 )
-from modeling_ffvt.selection_map import selection_map
+from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 
 logger = get_logger(__name__)
 
 PROGRESS_FILE = "training_progress.json"
-SELECTION_MAP_FILE = "selection_map.png"
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
 # std 1 rather than 0.02 let SGD tell them apart within 600 steps (0.35 top-1 with 0.02, 0.94 with 1).
@@ -85,16 +91,6 @@ DEMO_DEFAULTS = dict(
     eval_steps=50,
 )
 DEMO_TRAIN_SIZE = 1500
-CITATION = """@inproceedings{wang2021ffvt,
-  title={Feature Fusion Vision Transformer for Fine-Grained Visual Categorization},
-  author={Wang, Jun and Yu, Xiaohan and Gao, Yongsheng},
-  booktitle={British Machine Vision Conference (BMVC)},
-  year={2021},
-  eprint={2107.02341},
-  archivePrefix={arXiv}
-}"""
-
-
 def checkpointing_steps(value):
     if value == "epoch":
         return value
@@ -399,69 +395,116 @@ def check_labels(labels, num_labels):
         )
 
 
-class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A split whose images go through `transform`, each with the generator sample_generator(seed, epoch, index), so
-    that augmentation does not depend on the number of workers or processes, nor on resumption."""
-
-    def __init__(self, split, image_column, label_column, transform, seed):
-        self.split, self.image_column, self.label_column = split, image_column, label_column
-        self.transform, self.seed, self.epoch = transform, seed, 0
-
-    def set_epoch(self, epoch):
-        # DataLoader workers copy the dataset when an epoch's iteration starts, so they see this (hence no
-        # persistent_workers).
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, index):
-        row = self.split[index]
-        image = self.transform(row[self.image_column], sample_generator(self.seed, self.epoch, index))
-        return {"pixel_values": image, "labels": row[self.label_column]}
-
-
-class ProcessorTransform:
-    """The saved image processor as a transform, so that evaluation scores what a user reloading the folder gets.
-
-    FGVCTransform's evaluation crop rounds as torchvision does and the processor's floors: they differ by a pixel
-    when (resize_size - image_size) % 4 == 3.
-    """
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, image, generator=None):
-        return self.processor(load_rgb(image), return_tensors="pt")["pixel_values"][0]
-
-
 def reseed_dropout(seed, epoch, step, rank):
     """Dropout draws from torch's global RNG: seeded per batch, a resumed run draws what a straight run does."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, dtype=np.uint64)[0]))
 
 
-@torch.no_grad()
-def evaluate(model, dataloader, accelerator, metric):
-    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split."""
-    model.eval()
-    rankings, references, losses = [], [], []
-    for batch in dataloader:
-        logits = model(pixel_values=batch["pixel_values"]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-        ranking = logits.topk(min(5, logits.shape[-1])).indices
-        ranking, labels, loss = accelerator.gather_for_metrics((ranking, batch["labels"], loss))
-        rankings += ranking.tolist()
-        references += labels.tolist()
-        losses.append(loss)
-    model.train()
-    scores = metric.compute(predictions=rankings, references=references)
-    return {**{f"eval_{name}": value for name, value in scores.items()}, "eval_loss": torch.cat(losses).mean().item()}
+def make_accelerator(args) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
+        # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    datasets.utils.logging.set_verbosity(verbosity)
+    transformers.utils.logging.set_verbosity(verbosity)
+    return accelerator
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
+def make_dataloaders(args, splits, config, accelerator):
+    """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
+    validation through the very processor saved beside the model."""
+    args.resize_size = args.resize_size or default_resize_size(config.image_size)
+    processor = make_image_processor(config.image_size, args.resize_size)
+    eval_transform = ProcessorTransform(processor)
+    train_transform = (
+        eval_transform if args.recipe == "plain"
+        else FGVCTransform(args.recipe, config.image_size, args.resize_size, True)
+    )
+    train_dataset, eval_dataset = (
+        ImageClassificationDataset(
+            splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed
+        )
+        for name, transform in (("train", train_transform), ("validation", eval_transform))
+    )
+    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=args.per_device_train_batch_size, **options)
+    eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, **options)
+    return processor, train_dataloader, eval_dataloader
+
+
+def make_optimizer(args, model, train_dataloader, accelerator):
+    """SGD with momentum 0.9 and the warm-up-then-decay schedule, for --max_train_steps (set here from
+    --num_train_epochs when not given). Returns (optimizer, scheduler, optimiser steps per epoch)."""
+    # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
+    batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
+    )
+    # The prepared scheduler steps once per process at every optimiser step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    return optimizer, lr_scheduler, steps_per_epoch
+
+
+@dataclass
+class Progress:
+    """Where a run stands, written beside each checkpoint so that a resumed run starts exactly there: optimiser steps
+    done, the position in the data (epoch, batches of it done), and the evaluation results of the saved model."""
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    best: dict | None = None
+
+
+class LossWindow:
+    """Training loss and images between two evaluations, and the loss summed over the run's optimiser steps."""
+
+    def __init__(self):
+        self.run_sum, self.run_steps, self.last_mean = 0.0, 0, None
+        self.start()
+
+    def start(self):
+        self.loss, self.steps, self.images, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def close(self) -> dict:
+        """The window's mean loss and throughput; the next window starts."""
+        self.last_mean = float(self.loss) / self.steps
+        self.run_sum, self.run_steps = self.run_sum + float(self.loss), self.run_steps + self.steps
+        stats = {"train_loss": self.last_mean, "images_per_second": self.images / (time.perf_counter() - self.started)}
+        self.start()
+        return stats
+
+
+def save_checkpoint(accelerator, output_dir, name, progress: Progress):
+    folder = os.path.join(output_dir, name)
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
+
+
+def resume(accelerator, folder, output_dir) -> Progress:
+    """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
+    from the checkpoint's own record rather than its folder's name."""
+    folder = latest_checkpoint(output_dir) if folder == "latest" else folder
+    accelerator.load_state(folder)
+    progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
+    logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
+    return progress
 
 
 def latest_checkpoint(output_dir):
@@ -469,6 +512,122 @@ def latest_checkpoint(output_dir):
     if not checkpoints:
         raise SystemExit(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
+
+
+def evaluate(model, dataloader, accelerator, metric) -> dict:
+    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split."""
+    ranked = rank_classes(model, dataloader, accelerator)
+    scores = metric.compute(predictions=ranked["rankings"], references=ranked["references"])
+    return {**{f"eval_{name}": value for name, value in scores.items()}, "eval_loss": float(np.mean(ranked["losses"]))}
+
+
+def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, processor, progress: Progress) -> dict:
+    """Evaluate; when top-1 improved (or nothing is saved in output_dir yet, as after a resume into another folder),
+    save the model, its processor, all_results.json and the card. Returns the evaluation's results."""
+    results = {**evaluate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
+    if progress.best is None or results["eval_accuracy"] > progress.best["eval_accuracy"] or not Path(
+        args.output_dir, "model.safetensors"
+    ).exists():
+        progress.best = results
+        save_model(accelerator, model, processor, args.output_dir)
+        if accelerator.is_main_process:
+            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {})
+    model.train()
+    return results
+
+
+def train_step(args, accelerator, model, optimizer, lr_scheduler, batch) -> torch.Tensor:
+    """Forward, backward and (at the end of an accumulation) a clipped optimiser step; the batch's loss."""
+    with accelerator.accumulate(model):
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float(), batch["labels"], label_smoothing=args.label_smoothing
+        )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the lr
+            lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach()
+
+
+def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, evaluate_now, checkpoint,
+                    progress: Progress, window: LossWindow, progress_bar):
+    """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps.
+    Calls `evaluate_now()` and `checkpoint(name)` when their step comes."""
+    epoch, first_batch = progress.epoch, progress.batches_done
+    train_dataloader.set_epoch(epoch)
+    train_dataloader.dataset.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(train_dataloader, first_batch) if first_batch else train_dataloader
+    for step, batch in enumerate(batches, start=first_batch):
+        reseed_dropout(args.seed, epoch, step, accelerator.process_index)
+        window.loss += train_step(args, accelerator, model, optimizer, lr_scheduler, batch) / (
+            args.gradient_accumulation_steps
+        )
+        window.images += len(batch["labels"]) * accelerator.num_processes
+        done = step + 1 == len(train_dataloader)
+        progress.epoch, progress.batches_done = (epoch + 1, 0) if done else (epoch, step + 1)
+        if not accelerator.sync_gradients:
+            continue
+        progress.completed_steps += 1
+        window.steps += 1
+        progress_bar.update(1)
+        if (args.eval_steps and progress.completed_steps % args.eval_steps == 0) or (
+            progress.completed_steps == args.max_train_steps
+        ):
+            evaluate_now()
+        if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
+            checkpoint(f"step_{progress.completed_steps}")
+        if progress.completed_steps >= args.max_train_steps:
+            return
+    if args.checkpointing_steps == "epoch":
+        checkpoint(f"epoch_{epoch}")
+
+
+def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, processor,
+          progress: Progress, steps_per_epoch: int) -> dict:
+    """Train from `progress` to --max_train_steps, evaluating every --eval_steps and at the end; returns the run's
+    training metrics for all_results.json."""
+    metric = load_fgvc_accuracy(keep_in_memory=True)  # in memory: processes would share its cache files
+    window, first_step = LossWindow(), progress.completed_steps
+    bar = tqdm(total=args.max_train_steps, initial=first_step, disable=not accelerator.is_local_main_process)
+
+    def evaluate_now():
+        log = {**window.close(), "learning_rate": lr_scheduler.get_last_lr()[0],
+               "peak_memory_mb": peak_memory_mb(accelerator.device)}
+        log.update(evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, processor, progress))
+        logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+        if args.with_tracking:
+            accelerator.log(log, step=progress.completed_steps)
+
+    def checkpoint(name):
+        save_checkpoint(accelerator, args.output_dir, name, progress)
+
+    started = time.perf_counter()
+    model.train()
+    while progress.completed_steps < args.max_train_steps:
+        train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, evaluate_now, checkpoint,
+                        progress, window, bar)
+    bar.close()
+    runtime = time.perf_counter() - started
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    return {
+        "train_loss_run_mean": window.run_sum / max(window.run_steps, 1),
+        "train_loss_last_window": window.last_mean,
+        "train_runtime": runtime,
+        "train_samples_per_second": (progress.completed_steps - first_step) * total_batch_size / runtime,
+        "train_steps": progress.completed_steps,
+        "epoch": progress.completed_steps / steps_per_epoch,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+    }
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
 def save_model(accelerator, model, processor, output_dir):
@@ -483,18 +642,6 @@ def save_model(accelerator, model, processor, output_dir):
         processor.save_pretrained(output_dir)
 
 
-def next_steps(output_dir, validation_image, validation_dir):
-    """What to try with the saved model: its card, the predict command on a validation image, evaluation."""
-    image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
-    model = shlex.quote(str(output_dir))
-    return (
-        f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
-        f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
-        f"--selection_map picks.png\nor evaluate it on labelled images:\n  ffvt-evaluate --model {model} "
-        f"--data_dir {shlex.quote(str(validation_dir)) if validation_dir else 'DATA'}"
-    )
-
-
 def is_hub_id(name):
     return name is not None and not os.path.exists(name)
 
@@ -507,42 +654,9 @@ def data_set_title(args):
     return Path(args.train_dir).absolute().parent.name  # CUB for CUB/train
 
 
-def draw_card_selection_map(output_dir, image):
-    """The MAWS selection map of one validation image, drawn by the saved (best) model, for the model card."""
-    with quiet_progress_bars():
-        model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
-    if not model.config.feature_fusion:
-        return
-    with torch.no_grad():
-        picture, _ = selection_map(model, load_image_processor(output_dir), load_rgb(image))
-    picture.save(Path(output_dir, SELECTION_MAP_FILE))
-
-
 def write_results_and_card(args, accelerator, config, best, train_metrics):
-    """all_results.json and a README.md whose YAML the Hub reads, for the model saved in output_dir."""
-    results = {**best, **train_metrics}
-    Path(args.output_dir, "all_results.json").write_text(json.dumps(results, indent=2))
-    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
-    dataset = data_set_title(args)
-    metrics = [("accuracy", "Top-1 accuracy", "eval_accuracy"), ("accuracy", "Top-5 accuracy", "eval_top5_accuracy"),
-               ("accuracy", "Mean per-class accuracy", "eval_mean_per_class_accuracy")]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=["ffvt", "image-classification", "fine-grained", "vision"],
-        datasets=[args.dataset_name] if is_hub_id(args.dataset_name) else None,
-        metrics=["accuracy"],
-        base_model=args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
-        model_name=repo_id,
-        eval_results=[
-            EvalResult(
-                task_type="image-classification", dataset_type=dataset,
-                dataset_name=dataset, dataset_split="validation", metric_type=metric_type, metric_name=name,
-                metric_value=round(best[key], 4),
-            )
-            for metric_type, name, key in metrics
-        ],
-    )
+    """all_results.json and the model card for the model saved in output_dir."""
+    Path(args.output_dir, "all_results.json").write_text(json.dumps({**best, **train_metrics}, indent=2))
     hyperparameters = {
         "start": args.model_name_or_path or args.vit_npz or "from scratch",
         "image size / resize": f"{config.image_size} / {args.resize_size}",
@@ -559,88 +673,52 @@ def write_results_and_card(args, accelerator, config, best, train_metrics):
         "mixed precision": accelerator.mixed_precision,
         "seed": args.seed,
     }
-    rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
-    scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in metrics)
-    selection_map_section = ""
-    if Path(args.output_dir, SELECTION_MAP_FILE).exists():
-        selection_map_section = f"""
-## What MAWS picks
+    write_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id or Path(args.output_dir).absolute().name,
+        dataset=data_set_title(args),
+        dataset_id=args.dataset_name if is_hub_id(args.dataset_name) else None,
+        base_model=args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
+        num_classes=len(config.id2label),
+        hyperparameters=hyperparameters,
+        best=best,
+    )
 
-![MAWS selection map of a validation image]({SELECTION_MAP_FILE})
 
-For one validation image, the patches MAWS picked in each layer before the fusion layer (outlined), and how often
-each patch was picked across layers.
-"""
-    body = f"""
-# {repo_id}
+def next_steps(output_dir, validation_image, validation_dir):
+    """What to try with the saved model: its card, the predict command on a validation image, evaluation."""
+    image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
+    model = shlex.quote(str(output_dir))
+    return (
+        f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
+        f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
+        f"--selection_map picks.png\nor evaluate it on labelled images:\n  ffvt-evaluate --model {model} "
+        f"--data_dir {shlex.quote(str(validation_dir)) if validation_dir else 'DATA'}"
+    )
 
-An FFVT (Feature Fusion Vision Transformer) image classifier for the {len(config.id2label)} classes of {dataset},
-trained with `train_hf.py` of modeling_ffvt, the Transformers port of [FFVT](https://github.com/Markin-Wang/FFVT)
-(Wang, Yu and Gao, BMVC 2021, [arXiv:2107.02341](https://arxiv.org/abs/2107.02341)). FFVT is a ViT whose last layer
-attends only to the CLS token and to the tokens that mutual attention weight selection (MAWS) picks from every
-earlier layer, which suits fine-grained categorisation.
 
-## How to use
-
-```python
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
-classifier("image.jpg")
-```
-
-or with the Auto classes:
-
-```python
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-processor = AutoImageProcessor.from_pretrained("{repo_id}")
-model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True)
-logits = model(**processor(Image.open("image.jpg").convert("RGB"), return_tensors="pt")).logits
-print(model.config.id2label[logits.argmax(-1).item()])
-```
-
-## Training
-
-| hyper-parameter | value |
-|---|---|
-{rows}
-
-## Results
-
-On the validation split, at step {best["step"]} (the best top-1 accuracy of the run):
-
-| metric | value |
-|---|---|
-{scores}
-| Evaluation loss | {best["eval_loss"]:.4f} |
-{selection_map_section}
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(Path(args.output_dir, "README.md"))
+def finish(args, accelerator, config, progress: Progress, train_metrics, validation_image):
+    """On the main process: the card's selection map, all_results.json and the card, what to do next, the upload."""
+    draw_card_selection_map(args.output_dir, validation_image)
+    write_results_and_card(args, accelerator, config, progress.best, train_metrics)
+    best = progress.best
+    logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
+    print(next_steps(args.output_dir, validation_image.get("path"), args.validation_dir))
+    if args.push_to_hub:
+        repo_name = args.hub_model_id or Path(args.output_dir).absolute().name
+        repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=["step_*", "epoch_*", "demo_data/*"],
+            token=args.hub_token,
+        )
 
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
-        # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
-    datasets.utils.logging.set_verbosity(verbosity)
-    transformers.utils.logging.set_verbosity(verbosity)
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -654,172 +732,33 @@ def main(argv=None):
 
     model = load_model(args, names, labels)
     check_labels(labels, model.config.num_labels)
-    model.config.label_smoothing = args.label_smoothing
     if args.gradient_checkpointing:
         # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
-        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-        enable()
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
-    image_size = config.image_size
-    args.resize_size = args.resize_size or default_resize_size(image_size)
-    processor = make_image_processor(image_size, args.resize_size)
-    eval_transform = ProcessorTransform(processor)
-    train_transform = (
-        eval_transform if args.recipe == "plain" else FGVCTransform(args.recipe, image_size, args.resize_size, True)
-    )
-    train_dataset, eval_dataset = (
-        ImageClassificationDataset(splits[name], args.image_column_name, args.label_column_name, transform, args.seed)
-        for name, transform in (("train", train_transform), ("validation", eval_transform))
-    )
-    loader_options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
-    train_dataloader = DataLoader(
-        train_dataset, shuffle=True, batch_size=args.per_device_train_batch_size, **loader_options
-    )
-    eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, **loader_options)
-
-    # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
-    batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
-    )
-    # The prepared scheduler steps once per process at every optimiser step.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator)
+    optimizer, lr_scheduler, steps_per_epoch = make_optimizer(args, model, train_dataloader, accelerator)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    metric = load_fgvc_accuracy(keep_in_memory=True)  # in memory: processes would share its cache files
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
-
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)} train, {len(eval_dataset)} validation")
-    logger.info(f"  Num epochs = {num_train_epochs}")
+    logger.info(f"  Num examples = {len(splits['train'])} train, {len(splits['validation'])} validation")
+    logger.info(f"  Num epochs = {math.ceil(args.max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
-    completed_steps, starting_epoch, resume_batches, best = 0, 0, 0, None
+    progress = Progress()
     if args.resume_from_checkpoint:
-        folder = args.resume_from_checkpoint
-        if folder == "latest":
-            folder = latest_checkpoint(args.output_dir)
-        accelerator.load_state(folder)
-        # The position comes from the checkpoint's own record, not its folder's name.
-        progress = json.loads(Path(folder, PROGRESS_FILE).read_text())
-        completed_steps, best = progress["completed_steps"], progress["best"]
-        starting_epoch, resume_batches = progress["epoch"], progress["batches_done"]
-        logger.info(f"Resumed from {folder} at step {completed_steps}")
-    first_step = completed_steps
-
-    def save_checkpoint(name, epoch, batches_done):
-        if batches_done == len(train_dataloader):
-            epoch, batches_done = epoch + 1, 0
-        progress = {"completed_steps": completed_steps, "epoch": epoch, "batches_done": batches_done, "best": best}
-        folder = os.path.join(args.output_dir, name)
-        accelerator.save_state(folder)
-        if accelerator.is_main_process:
-            Path(folder, PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-
-    progress_bar = tqdm(
-        total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process
-    )
-    run_start = window_start = time.perf_counter()
-    run_loss, window_loss, window_steps, window_images, last_window_loss = 0.0, 0.0, 0, 0, None
-    model.train()
-    for epoch in range(starting_epoch, num_train_epochs):
-        train_dataloader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        first_batch = resume_batches if epoch == starting_epoch else 0
-        batches = accelerator.skip_first_batches(train_dataloader, first_batch) if first_batch else train_dataloader
-        for step, batch in enumerate(batches, start=first_batch):
-            reseed_dropout(args.seed, epoch, step, accelerator.process_index)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the lr
-                    lr_scheduler.step()
-                optimizer.zero_grad()
-            window_loss += loss.detach() / args.gradient_accumulation_steps
-            window_images += len(batch["labels"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            completed_steps += 1
-            window_steps += 1
-            progress_bar.update(1)
-
-            if (args.eval_steps and completed_steps % args.eval_steps == 0) or completed_steps == args.max_train_steps:
-                last_window_loss = float(window_loss) / window_steps
-                log = {
-                    "train_loss": last_window_loss,
-                    "learning_rate": lr_scheduler.get_last_lr()[0],
-                    "images_per_second": window_images / (time.perf_counter() - window_start),
-                    "peak_memory_mb": peak_memory_mb(accelerator.device),
-                }
-                results = {**evaluate(model, eval_dataloader, accelerator, metric), "step": completed_steps}
-                improved = best is None or results["eval_accuracy"] > best["eval_accuracy"]
-                # A run resumed into another output_dir has no saved model yet, whatever its best score.
-                if improved or not Path(args.output_dir, "model.safetensors").exists():
-                    best = results
-                    save_model(accelerator, model, processor, args.output_dir)
-                    if accelerator.is_main_process:
-                        write_results_and_card(args, accelerator, config, best, {})
-                log.update(results)
-                logger.info(f"step {completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
-                if args.with_tracking:
-                    accelerator.log(log, step=completed_steps)
-                run_loss += float(window_loss)
-                window_loss, window_steps, window_images = 0.0, 0, 0
-                window_start = time.perf_counter()
-            if isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(f"step_{completed_steps}", epoch, step + 1)
-            if completed_steps >= args.max_train_steps:
-                break
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(f"epoch_{epoch}", epoch, step + 1)  # the last epoch may stop early, at max_train_steps
-        if completed_steps >= args.max_train_steps:
-            break
-    progress_bar.close()
+        progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+    train_metrics = train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader,
+                          processor, progress, steps_per_epoch)
     accelerator.end_training()
-
-    runtime = time.perf_counter() - run_start
-    run_steps = completed_steps - first_step
-    train_metrics = {
-        "train_loss_run_mean": run_loss / max(run_steps, 1),
-        "train_loss_last_window": last_window_loss,
-        "train_runtime": runtime,
-        "train_samples_per_second": run_steps * total_batch_size / runtime,
-        "train_steps": completed_steps,
-        "epoch": completed_steps / steps_per_epoch,
-        "peak_memory_mb": peak_memory_mb(accelerator.device),
-    }
     if accelerator.is_main_process:
-        draw_card_selection_map(args.output_dir, splits["validation"][0][args.image_column_name])
-        write_results_and_card(args, accelerator, config, best, train_metrics)
-        logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
-        print(next_steps(args.output_dir, splits["validation"][0][args.image_column_name]["path"], args.validation_dir))
-        if args.push_to_hub:
-            repo_name = args.hub_model_id or Path(args.output_dir).absolute().name
-            repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", "demo_data/*"],
-                token=args.hub_token,
-            )
+        finish(args, accelerator, config, progress, train_metrics, splits["validation"][0][args.image_column_name])
 
 
 if __name__ == "__main__":

@@ -211,3 +211,41 @@ class FGVCTransform:
         if self.random and torch.rand(1, generator=generator).item() < 0.5:
             pixels = pixels.flip(-1)
         return (pixels - self.mean) / self.std
+
+
+class ProcessorTransform:
+    """A saved image processor as a transform, so that evaluation scores what a user who reloads the folder gets.
+
+    It crops as FGVCTransform's evaluation transform does (offset rounded down); the original's torchvision crop
+    rounds half to even, a pixel apart when (resize_size - image_size) % 4 == 3.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image, generator=None):
+        return self.processor(load_rgb(image), return_tensors="pt")["pixel_values"][0]
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """{"pixel_values", "labels"} of each row of a `datasets` split: its image (an undecoded entry or a path) through
+    `transform(image, sample_generator(seed, epoch, index))`, and `labels[index]`, a class id.
+
+    The generator makes augmentation independent of the number of workers or processes, and of resumption.
+    """
+
+    def __init__(self, split, image_column: str, labels: list[int], transform, seed: int = 0):
+        self.split, self.image_column, self.labels = split, image_column, labels
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int):
+        # DataLoader workers copy the dataset when an epoch's iteration starts, so they see this (hence no
+        # persistent_workers).
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.transform(self.split[index][self.image_column], sample_generator(self.seed, self.epoch, index))
+        return {"pixel_values": image, "labels": self.labels[index]}

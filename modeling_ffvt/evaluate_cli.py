@@ -15,13 +15,11 @@ import sys
 from collections import Counter
 
 import datasets
-import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .data import UnreadableImageError, load_rgb
-from .evaluation import load_fgvc_accuracy
+from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
+from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
     ids_out_of_range_message,
     label_kind,
@@ -94,40 +92,11 @@ def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
     return [label2id[value] for value in values]
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """(pixel_values, the model's class id) of each row, the image read by load_rgb and prepared by `processor`."""
-
-    def __init__(self, split, image_column, class_ids, processor):
-        self.split, self.image_column, self.class_ids, self.processor = split, image_column, class_ids, processor
-
-    def __len__(self):
-        return len(self.class_ids)
-
-    def __getitem__(self, index):
-        image = load_rgb(self.split[index][self.image_column])
-        pixel_values = self.processor(image, return_tensors="pt")["pixel_values"][0]
-        return pixel_values, self.class_ids[index]
-
-
 def most_confused(references, top1, id2label, count) -> list[dict]:
     """The `count` most frequent (true class, predicted class) pairs among the mistakes, most frequent first."""
     pairs = Counter((true, predicted) for true, predicted in zip(references, top1) if true != predicted)
     ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:count]
     return [{"true": id2label[true], "predicted": id2label[predicted], "count": n} for (true, predicted), n in ranked]
-
-
-@torch.no_grad()
-def rank_classes(model, dataloader, accelerator) -> tuple[list[list[int]], list[int]]:
-    """The top-5 class ids (best first) and the true class id of every image, gathered from all processes."""
-    rankings, references = [], []
-    progress = tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process)
-    for pixel_values, labels in progress:
-        logits = model(pixel_values=pixel_values).logits
-        ranking = logits.topk(min(5, logits.shape[-1])).indices
-        ranking, labels = accelerator.gather_for_metrics((ranking, labels))
-        rankings += ranking.tolist()
-        references += labels.tolist()
-    return rankings, references
 
 
 def print_report(report):
@@ -153,26 +122,26 @@ def main(argv=None):
     class_ids = model_class_ids(
         split, args.label_column_name, model.config, args.data_dir or args.dataset_name, args.model
     )
-    images = LabelledImages(split, args.image_column_name, class_ids, processor)
+    images = ImageClassificationDataset(split, args.image_column_name, class_ids, ProcessorTransform(processor))
     # Evaluation mode: the model is only placed and given mixed precision, not wrapped for gradient syncing.
     model = accelerator.prepare_model(model.eval(), evaluation_mode=True)
     dataloader = accelerator.prepare(DataLoader(images, batch_size=args.batch_size))
     try:
-        rankings, references = rank_classes(model, dataloader, accelerator)
+        ranked = rank_classes(model, dataloader, accelerator, progress=True)
     except UnreadableImageError as error:
         raise SystemExit(f"{error}: fix or remove the file.") from None
     if not accelerator.is_main_process:
         return
+    rankings, references = ranked["rankings"], ranked["references"]
     scores = load_fgvc_accuracy(keep_in_memory=True).compute(predictions=rankings, references=references)
+    top1 = [ranking[0] for ranking in rankings]
     report = {
         "model": args.model,
         "data": args.data_dir or args.dataset_name,
         "split": split_name,
         "num_images": len(references),
         **scores,
-        "most_confused": most_confused(
-            references, [ranking[0] for ranking in rankings], model.config.id2label, args.confusions
-        ),
+        "most_confused": most_confused(references, top1, model.config.id2label, args.confusions),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import evaluate
+import torch
+from tqdm.auto import tqdm
 
 FGVC_ACCURACY_PATH = Path(__file__).resolve().parent / "fgvc_accuracy"
 
@@ -15,3 +17,22 @@ def load_fgvc_accuracy(**kwargs):
     `process_id`, `num_process` and `experiment_id` are passed to `evaluate.load`.
     """
     return evaluate.load(str(FGVC_ACCURACY_PATH), **kwargs)
+
+
+@torch.no_grad()
+def rank_classes(model, dataloader, accelerator, progress: bool = False) -> dict[str, list]:
+    """Run `model` over `dataloader` ({"pixel_values", "labels"} batches, prepared by `accelerator`) and gather, from
+    every process and without the padding that evens out the last batch: "rankings", the top-5 class ids of each image
+    best first; "references", the true class ids; "losses", each image's cross-entropy. The model is left in eval
+    mode."""
+    model.eval()
+    rankings, references, losses = [], [], []
+    for batch in tqdm(dataloader, desc="evaluating", disable=not (progress and accelerator.is_local_main_process)):
+        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        ranking = logits.topk(min(5, logits.shape[-1])).indices
+        ranking, labels, loss = accelerator.gather_for_metrics((ranking, batch["labels"], loss))
+        rankings += ranking.tolist()
+        references += labels.tolist()
+        losses += loss.tolist()
+    return {"rankings": rankings, "references": references, "losses": losses}

@@ -1,0 +1,136 @@
+"""The model card (README.md with the YAML the Hub reads) and its selection-map picture, for a folder train_hf.py
+saved."""
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import AutoModelForImageClassification
+
+from .data import load_rgb
+from .image_processor import load_image_processor
+from .inputs import quiet_progress_bars
+from .selection_map import selection_map
+
+SELECTION_MAP_FILE = "selection_map.png"
+CITATION = """@inproceedings{wang2021ffvt,
+  title={Feature Fusion Vision Transformer for Fine-Grained Visual Categorization},
+  author={Wang, Jun and Yu, Xiaohan and Gao, Yongsheng},
+  booktitle={British Machine Vision Conference (BMVC)},
+  year={2021},
+  eprint={2107.02341},
+  archivePrefix={arXiv}
+}"""
+
+
+# (metric type, name shown, key of the evaluation results)
+METRICS = [
+    ("accuracy", "Top-1 accuracy", "eval_accuracy"),
+    ("accuracy", "Top-5 accuracy", "eval_top5_accuracy"),
+    ("accuracy", "Mean per-class accuracy", "eval_mean_per_class_accuracy"),
+]
+
+
+def draw_card_selection_map(output_dir, image) -> None:
+    """The MAWS selection map of one validation image, drawn by the model saved in `output_dir`, for its card; nothing
+    for a model without feature fusion."""
+    with quiet_progress_bars():
+        model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    if not model.config.feature_fusion:
+        return
+    with torch.no_grad():
+        picture, _ = selection_map(model, load_image_processor(output_dir), load_rgb(image))
+    picture.save(Path(output_dir, SELECTION_MAP_FILE))
+
+
+def write_model_card(
+    output_dir, *, repo_id: str, dataset: str, dataset_id: str | None, base_model: str | None, num_classes: int,
+    hyperparameters: dict, best: dict,
+) -> None:
+    """README.md in `output_dir` for the model saved there.
+
+    `dataset` names the data in prose; `dataset_id` and `base_model` are Hub ids for the YAML (None for local
+    data or starts); `hyperparameters` become the training table, name to value; `best` holds the evaluation results
+    of the saved model (METRICS' keys, "eval_loss" and "step").
+    """
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["ffvt", "image-classification", "fine-grained", "vision"],
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=["accuracy"],
+        base_model=base_model,
+        model_name=repo_id,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification", dataset_type=dataset,
+                dataset_name=dataset, dataset_split="validation", metric_type=metric_type, metric_name=name,
+                metric_value=round(best[key], 4),
+            )
+            for metric_type, name, key in METRICS
+        ],
+    )
+    rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
+    scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in METRICS)
+    selection_map_section = ""
+    if Path(output_dir, SELECTION_MAP_FILE).exists():
+        selection_map_section = f"""
+## What MAWS picks
+
+![MAWS selection map of a validation image]({SELECTION_MAP_FILE})
+
+For one validation image, the patches MAWS picked in each layer before the fusion layer (outlined), and how often
+each patch was picked across layers.
+"""
+    body = f"""
+# {repo_id}
+
+An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classes} classes of {dataset},
+trained with `train_hf.py` of modeling_ffvt, the Transformers port of [FFVT](https://github.com/Markin-Wang/FFVT)
+(Wang, Yu and Gao, BMVC 2021, [arXiv:2107.02341](https://arxiv.org/abs/2107.02341)). FFVT is a ViT whose last layer
+attends only to the CLS token and to the tokens that mutual attention weight selection (MAWS) picks from every
+earlier layer, which suits fine-grained categorisation.
+
+## How to use
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+classifier("image.jpg")
+```
+
+or with the Auto classes:
+
+```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}")
+model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True)
+logits = model(**processor(Image.open("image.jpg").convert("RGB"), return_tensors="pt")).logits
+print(model.config.id2label[logits.argmax(-1).item()])
+```
+
+## Training
+
+| hyper-parameter | value |
+|---|---|
+{rows}
+
+## Results
+
+On the validation split, at step {best["step"]} (the best top-1 accuracy of the run):
+
+| metric | value |
+|---|---|
+{scores}
+| Evaluation loss | {best["eval_loss"]:.4f} |
+{selection_map_section}
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(Path(output_dir, "README.md"))
