@@ -171,6 +171,8 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tens
 
 
 OutputRows = Literal["all", "cls", "cls_and_picks"]
+# What attention and layers return: the output, the attention probabilities (or None), MAWS's picks (or None).
+LayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]
 
 
 def keep_rows(tokens: torch.Tensor, rows: OutputRows, picks: torch.LongTensor | None) -> torch.Tensor:
@@ -209,12 +211,8 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        num_token: int = 0,
-        rows: OutputRows = "all",
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
         """
         Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
         `num_token` tokens MAWS picks. `rows` says which rows of the output to compute, as in [`keep_rows`].
@@ -232,17 +230,10 @@ class FFVTSelfAttention(nn.Module):
         if query is None:
             query = self.split_heads(self.query, keep_rows(hidden_states, rows, picks))
 
-        output, probabilities = self.attention_function(output_attentions)(
-            self,
-            query,
-            key,
-            value,
-            None,
-            scaling=self.scaling,
-            dropout=self.dropout_prob if self.training else 0.0,
-        )
-        probabilities = probabilities if output_attentions else None
-        return output.flatten(2), probabilities, picks
+        attend = self.attention_function(output_attentions)
+        dropout = self.dropout_prob if self.training else 0.0
+        output, probabilities = attend(self, query, key, value, None, scaling=self.scaling, dropout=dropout)
+        return output.flatten(2), probabilities if output_attentions else None, picks  # (batch, kept rows, hidden)
 
     def split_heads(self, projection: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
         """`projection` of `tokens` (batch, tokens, hidden), as (batch, heads, tokens, head_dim)."""
@@ -269,12 +260,8 @@ class FFVTAttention(nn.Module):
         self.output = FFVTSelfOutput(config)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        num_token: int = 0,
-        rows: OutputRows = "all",
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
         output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, rows)
         return self.output(output), probabilities, picks
 
@@ -320,12 +307,8 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.output = FFVTOutput(config)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        num_token: int = 0,
-        rows: OutputRows = "all",
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
         """
         `hidden_states` is (batch, tokens, hidden); `num_token` and `rows` as in [`FFVTSelfAttention.forward`]. Returns
         the output, (batch, tokens) or fewer rows as `rows` says, the probabilities and the picks.
@@ -357,7 +340,9 @@ class FFVTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cls_token_only: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]]:
+    ) -> tuple[
+        torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]
+    ]:
         """
         The data flow, from the embeddings `hidden_states` (batch, 1 + patches, hidden):
 
@@ -508,22 +493,16 @@ class FFVTModel(FFVTPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required: pass a (batch_size, channels, height, width) tensor.")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, 1 + patches, hidden)
         hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
             embeddings, output_attentions, output_hidden_states, cls_token_only
         )
         final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
-        output = FFVTModelOutput(
-            last_hidden_state=final_norm(hidden_states),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            selected_token_indices=selected,
-        )
+        output = FFVTModelOutput(final_norm(hidden_states), all_hidden_states, all_attentions, selected)
         return output if return_dict else output.to_tuple()
 
 
@@ -586,13 +565,11 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding:
                 As in [`FFVTModel.forward`].
             labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor`, *optional*):
-                The loss follows `config.problem_type` with the rules (and code) of transformers'
-                `ViTForImageClassification`: `"single_label_classification"`, class indices in `[0, num_labels)`,
-                gives cross-entropy; `"multi_label_classification"`, float multi-hot labels of shape `(batch_size,
-                num_labels)`, binary cross-entropy on the logits; `"regression"`, float targets (shape `(batch_size,)`
-                when `num_labels == 1`), the mean squared error. When `problem_type` is unset it is inferred and
-                written to the configuration: regression when `num_labels == 1`, else single-label classification for
-                integer labels and multi-label classification for any other. The loss is computed in float32.
+                The loss, in float32, follows `config.problem_type` as in `ViTForImageClassification` (transformers'
+                own loss function): cross-entropy of class indices for `"single_label_classification"`, binary
+                cross-entropy of `(batch_size, num_labels)` multi-hot floats for `"multi_label_classification"`, mean
+                squared error for `"regression"`. Unset, it is inferred and written to the configuration: regression
+                when `num_labels == 1`, else single-label for integer labels and multi-label for float ones.
             return_dict (`bool`, *optional*):
                 Return an [`FFVTImageClassifierOutput`] rather than a tuple.
             kwargs:
@@ -613,11 +590,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             # transformers' own rules for ViTForImageClassification, in float32 whatever the model's dtype.
             loss = self.loss_function(labels, logits.float(), self.config, **kwargs)
         output = FFVTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            selected_token_indices=outputs.selected_token_indices,
+            loss, logits, outputs.hidden_states, outputs.attentions, outputs.selected_token_indices
         )
         return output if return_dict else output.to_tuple()
 

@@ -269,8 +269,11 @@ def test_mlp_is_the_originals_in_training():
 
 
 def binary_cross_entropy_by_hand(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over every element of -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))), with 1 - sigmoid(z) = sigmoid(-z)."""
-    log_sigmoid = lambda z: -torch.log1p(torch.exp(-z))  # noqa: E731
+    """Mean over elements of -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))), where 1 - sigmoid(z) = sigmoid(-z)."""
+
+    def log_sigmoid(z):
+        return -torch.log1p(torch.exp(-z))
+
     return -(targets * log_sigmoid(logits) + (1 - targets) * log_sigmoid(-logits)).mean()
 
 
