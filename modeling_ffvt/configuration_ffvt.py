@@ -50,8 +50,6 @@ class FFVTConfig(ViTConfig):
             Dogs). The fusion layer sees `1 + (num_hidden_layers - 1) * num_token` tokens.
         feature_fusion (`bool`, *optional*, defaults to `True`):
             Whether the last layer is the fusion layer. `False` gives the plain ViT baseline of the paper's ablation.
-        label_smoothing (`float`, *optional*, defaults to 0.0):
-            Label smoothing of the training loss, as in `torch.nn.CrossEntropyLoss(label_smoothing=...)`.
         kwargs:
             Remaining arguments of [`ViTConfig`] and [`PreTrainedConfig`] (`num_labels`, `id2label`, ...).
 
@@ -65,12 +63,14 @@ class FFVTConfig(ViTConfig):
     ```"""
 
     model_type = "ffvt"
+    # Trainer leaves these outputs out of the predictions it gathers, so that `compute_metrics` gets the logits alone;
+    # the picks are still returned to whoever calls the model. A class attribute, not a field: never serialised.
+    keys_to_ignore_at_inference = ["selected_token_indices"]
 
     # Annotated so that transformers versions whose configs are dataclasses (>= 5.4) treat them as fields and
     # serialise them; older versions read them as plain class attributes.
     num_token: int = 12
     feature_fusion: bool = True
-    label_smoothing: float | int = 0.0
     image_size: int | list[int] | tuple[int, int] = 448
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float | int = 0.1
@@ -80,7 +80,6 @@ class FFVTConfig(ViTConfig):
         self,
         num_token: int = 12,
         feature_fusion: bool = True,
-        label_smoothing: float = 0.0,
         image_size: int | tuple[int, int] = 448,
         layer_norm_eps: float = 1e-6,
         hidden_dropout_prob: float = 0.1,
@@ -89,7 +88,9 @@ class FFVTConfig(ViTConfig):
     ):
         self.num_token = num_token
         self.feature_fusion = feature_fusion
-        self.label_smoothing = label_smoothing
+        # A training setting that configurations saved by earlier versions carry; the model's loss follows
+        # problem_type alone.
+        kwargs.pop("label_smoothing", None)
         super().__init__(
             image_size=image_size,
             layer_norm_eps=layer_norm_eps,
@@ -122,8 +123,6 @@ class FFVTConfig(ViTConfig):
                 f"image_size {image_size} must be a positive multiple of patch_size {patch_size}: "
                 f"use an image size of {patch_size[0]} x k."
             )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")

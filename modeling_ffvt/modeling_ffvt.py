@@ -6,7 +6,6 @@ defined here rather than borrowed from transformers' ViT, whose internals change
 """
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,7 +58,7 @@ class FFVTImageClassifierOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
-            Cross-entropy with the configuration's `label_smoothing`.
+            The loss `config.problem_type` calls for (see [`FFVTForImageClassification.forward`]).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Classification scores before the softmax, computed from the CLS token.
         hidden_states, attentions, selected_token_indices:
@@ -85,74 +84,6 @@ class FFVTPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
-class DropAndScale(torch.autograd.Function):
-    """Zeroes `x` where `drop` is set and scales the rest, keeping only the 1-byte mask for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(drop)
-        ctx.scale = scale
-        return torch.where(drop, 0, x).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (drop,) = ctx.saved_tensors
-        return torch.where(drop, 0, grad).mul_(ctx.scale), None, None
-
-
-class FFVTDropout(nn.Dropout):
-    """
-    `nn.Dropout`, faster and lighter on CPU. There PyTorch's dropout draws a 32-bit random number per element and
-    keeps a float mask for the backward pass (4 bytes per element). This one gives each element 16 random bits, four
-    elements to one draw of the generator, and keeps the mask as bools. The drop probability is therefore `p` rounded
-    to a multiple of 2**-16 (0.1 becomes 0.100006), and the kept elements are scaled by the inverse of the keep
-    probability actually used, so expectations stay exact. On other devices PyTorch's fused kernel already keeps a
-    bool mask, and `nn.Dropout` runs as it is.
-    """
-
-    def draws_own_mask(self, x: torch.Tensor) -> bool:
-        return self.training and self.p > 0 and x.device.type == "cpu"
-
-    def draw_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """A fresh mask for `x`, True where an element is dropped, and the scale of the kept elements."""
-        drop_levels = round(self.p * 2**16)
-        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        drop = words.view(torch.int16)[: x.numel()].view(x.shape) < drop_levels - 2**15
-        keep_levels = 2**16 - drop_levels
-        return drop, 2**16 / keep_levels if keep_levels else 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.draws_own_mask(x):
-            return super().forward(x)
-        return DropAndScale.apply(x, *self.draw_mask(x))
-
-
-class RecomputedForBackward(torch.autograd.graph.saved_tensors_hooks):
-    """
-    Within this context, wherever autograd would keep `tensor` (or a view of it, as linear layers keep of 3-d inputs)
-    for the backward pass, it keeps `recompute` instead and calls it when the backward pass needs the values.
-    `recompute` must return a tensor equal to `tensor`, laid out alike.
-    """
-
-    def __init__(self, tensor: torch.Tensor, recompute):
-        # A weak reference: the hooks live as long as what they packed, and must not keep `tensor` alive.
-        target = weakref.ref(tensor)
-
-        def pack(saved: torch.Tensor):
-            original = target()
-            if original is None or saved.untyped_storage().data_ptr() != original.untyped_storage().data_ptr():
-                return saved
-            return recompute, saved.shape, saved.stride(), saved.storage_offset()
-
-        def unpack(packed):
-            if isinstance(packed, torch.Tensor):
-                return packed
-            recompute, shape, stride, offset = packed
-            return recompute().as_strided(shape, stride, offset)
-
-        super().__init__(pack, unpack)
-
-
 class FFVTEmbeddings(nn.Module):
     """CLS token followed by the patch embeddings, plus position embeddings."""
 
@@ -164,7 +95,7 @@ class FFVTEmbeddings(nn.Module):
         self.patch_embeddings = FFVTPatchEmbeddings(config)
         num_positions = 1 + self.grid_size[0] * self.grid_size[1]
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
-        self.dropout = FFVTDropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """Position embeddings for a `grid_height` x `grid_width` patch grid, resized bicubically as ViT does."""
@@ -240,6 +171,8 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tens
 
 
 OutputRows = Literal["all", "cls", "cls_and_picks"]
+# What attention and layers return: the output, the attention probabilities (or None), MAWS's picks (or None).
+LayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]
 
 
 def keep_rows(tokens: torch.Tensor, rows: OutputRows, picks: torch.LongTensor | None) -> torch.Tensor:
@@ -278,12 +211,8 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        num_token: int = 0,
-        rows: OutputRows = "all",
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
         """
         Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
         `num_token` tokens MAWS picks. `rows` says which rows of the output to compute, as in [`keep_rows`].
@@ -301,17 +230,10 @@ class FFVTSelfAttention(nn.Module):
         if query is None:
             query = self.split_heads(self.query, keep_rows(hidden_states, rows, picks))
 
-        output, probabilities = self.attention_function(output_attentions)(
-            self,
-            query,
-            key,
-            value,
-            None,
-            scaling=self.scaling,
-            dropout=self.dropout_prob if self.training else 0.0,
-        )
-        probabilities = probabilities if output_attentions else None
-        return output.flatten(2), probabilities, picks
+        attend = self.attention_function(output_attentions)
+        dropout = self.dropout_prob if self.training else 0.0
+        output, probabilities = attend(self, query, key, value, None, scaling=self.scaling, dropout=dropout)
+        return output.flatten(2), probabilities if output_attentions else None, picks  # (batch, kept rows, hidden)
 
     def split_heads(self, projection: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
         """`projection` of `tokens` (batch, tokens, hidden), as (batch, heads, tokens, head_dim)."""
@@ -325,7 +247,7 @@ class FFVTSelfOutput(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = FFVTDropout(config.attention_probs_dropout_prob)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(hidden_states))
@@ -337,29 +259,11 @@ class FFVTAttention(nn.Module):
         self.attention = FFVTSelfAttention(config)
         self.output = FFVTSelfOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, num_token=0, rows: OutputRows = "all"):
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
         output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, rows)
         return self.output(output), probabilities, picks
-
-
-# GELU and its derivative are exactly zero here in every floating-point format (exp(-x**2 / 2) underflows below
-# -15 or so), and the value is finite even in float16.
-GELU_ZERO_INPUT = -1000.0
-
-
-class FillBeforeGelu(torch.autograd.Function):
-    """
-    `x` with GELU_ZERO_INPUT where `drop` is set. The gradient passes through unmasked: the GELU that follows gives
-    exactly zero there, so masking it again would only cost a pass and the mask's memory.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        return x.masked_fill(drop, GELU_ZERO_INPUT)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
 
 
 class FFVTMlpLinear(nn.Linear):
@@ -372,9 +276,8 @@ class FFVTIntermediate(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
-        # torch's own module for the exact GELU, which FFVTLayer.feed_forward recognises.
-        self.activation = nn.GELU() if config.hidden_act == "gelu" else ACT2FN[config.hidden_act]
-        self.dropout = FFVTDropout(config.hidden_dropout_prob)
+        self.activation = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.activation(self.dense(hidden_states)))
@@ -386,7 +289,7 @@ class FFVTOutput(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.intermediate_size, config.hidden_size)
-        self.dropout = FFVTDropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(hidden_states))
@@ -403,45 +306,19 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.intermediate = FFVTIntermediate(config)
         self.output = FFVTOutput(config)
 
-    def forward(self, hidden_states, output_attentions=False, num_token=0, rows: OutputRows = "all"):
-        """`num_token` and `rows` as in [`FFVTSelfAttention.forward`]; returns (output, probabilities, picks)."""
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+    ) -> LayerOutput:
+        """
+        `hidden_states` is (batch, tokens, hidden); `num_token` and `rows` as in [`FFVTSelfAttention.forward`]. Returns
+        the output, (batch, tokens) or fewer rows as `rows` says, the probabilities and the picks.
+        """
         attended, probabilities, picks = self.attention(
             self.layernorm_before(hidden_states), output_attentions, num_token, rows
         )
-        hidden_states = keep_rows(hidden_states, rows, picks) + attended
-        hidden_states = hidden_states + self.feed_forward(self.layernorm_after(hidden_states))
+        hidden_states = keep_rows(hidden_states, rows, picks) + attended  # (batch, kept rows, hidden)
+        hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
         return hidden_states, probabilities, picks
-
-    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """
-        The MLP. Where the dropout draws its own mask (training on CPU) after an exact GELU, two things change, neither
-        of which changes a value. GELU's input is the first linear layer's output with the dropped elements set to
-        GELU_ZERO_INPUT, where GELU and its gradient are exactly zero: GELU's own forward and backward passes then do
-        the dropping, and the mask is applied once instead of three times (forward, recomputation, backward). And the
-        activation that the second linear layer would keep for the backward pass, the largest tensor of the layer at 4
-        bytes an element, is recomputed there instead from the input GELU keeps anyway. Compiled graphs and checkpointed
-        layers plan their own recomputation: they take the plain path. The fill makes a new tensor: the linear layer's
-        output, which a forward hook may hold, stays as it was.
-        """
-        dense, activation, dropout = self.intermediate.dense, self.intermediate.activation, self.intermediate.dropout
-        if (
-            not (isinstance(activation, nn.GELU) and activation.approximate == "none")
-            or not torch.is_grad_enabled()
-            or not dropout.draws_own_mask(hidden_states)
-            or self.gradient_checkpointing
-            or torch.compiler.is_compiling()
-        ):
-            return self.output(self.intermediate(hidden_states))
-        linear_output = dense(hidden_states)
-        drop, scale = dropout.draw_mask(linear_output)
-        pre_activation = FillBeforeGelu.apply(linear_output, drop)
-
-        def activate():
-            return activation(pre_activation).mul_(scale)
-
-        activated = activate()
-        with RecomputedForBackward(activated, activate):
-            return self.output(activated)
 
 
 class FFVTEncoder(nn.Module):
@@ -463,7 +340,19 @@ class FFVTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cls_token_only: bool = False,
-    ):
+    ) -> tuple[
+        torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]
+    ]:
+        """
+        The data flow, from the embeddings `hidden_states` (batch, 1 + patches, hidden):
+
+            for each plain layer:  hidden_states = layer(hidden_states)
+                                   picks = MAWS(that layer's attention)            # (batch, num_token)
+                                   selected += hidden_states[picks]                # (batch, num_token, hidden)
+            fusion layer on [hidden_states[CLS], *selected]           # (batch, 1 + (layers - 1) * num_token, hidden)
+
+        Returns the last layer's output, the hidden states and attentions asked for, and each plain layer's picks.
+        """
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         fusing = self.fusion_layer is not None
@@ -485,6 +374,7 @@ class FFVTEncoder(nn.Module):
             )
             if fusing:
                 selected_token_indices.append(picks)
+                # A "cls_and_picks" layer's output is already (batch, 1 + num_token, hidden), its picks after CLS.
                 selected_tokens.append(
                     hidden_states[:, 1:] if rows == "cls_and_picks" else gather_tokens(hidden_states, picks)
                 )
@@ -603,22 +493,16 @@ class FFVTModel(FFVTPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required: pass a (batch_size, channels, height, width) tensor.")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, 1 + patches, hidden)
         hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
             embeddings, output_attentions, output_hidden_states, cls_token_only
         )
         final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
-        output = FFVTModelOutput(
-            last_hidden_state=final_norm(hidden_states),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            selected_token_indices=selected,
-        )
+        output = FFVTModelOutput(final_norm(hidden_states), all_hidden_states, all_attentions, selected)
         return output if return_dict else output.to_tuple()
 
 
@@ -646,10 +530,16 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         Args:
             pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding:
                 As in [`FFVTModel.forward`].
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Class indices in `[0, config.num_labels)`; the loss is cross-entropy with `config.label_smoothing`.
+            labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor`, *optional*):
+                The loss, in float32, follows `config.problem_type` as in `ViTForImageClassification` (transformers'
+                own loss function): cross-entropy of class indices for `"single_label_classification"`, binary
+                cross-entropy of `(batch_size, num_labels)` multi-hot floats for `"multi_label_classification"`, mean
+                squared error for `"regression"`. Unset, it is inferred and written to the configuration: regression
+                when `num_labels == 1`, else single-label for integer labels and multi-label for float ones.
             return_dict (`bool`, *optional*):
                 Return an [`FFVTImageClassifierOutput`] rather than a tuple.
+            kwargs:
+                Passed to the loss, e.g. the `num_items_in_batch` that [`~transformers.Trainer`] gives.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.vit(
@@ -660,18 +550,13 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             return_dict=True,
             cls_token_only=True,
         )
-        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        logits = self.classifier(outputs.last_hidden_state[:, 0])  # (batch, num_labels)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits.float(), labels.to(logits.device).view(-1), label_smoothing=self.config.label_smoothing
-            )
+            # transformers' own rules for ViTForImageClassification, in float32 whatever the model's dtype.
+            loss = self.loss_function(labels, logits.float(), self.config, **kwargs)
         output = FFVTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            selected_token_indices=outputs.selected_token_indices,
+            loss, logits, outputs.hidden_states, outputs.attentions, outputs.selected_token_indices
         )
         return output if return_dict else output.to_tuple()
 

@@ -1,15 +1,12 @@
 """Behaviour of the model beyond parity with the original: MAWS, attention backends, sizes, errors, training aids."""
 
-import math
-import weakref
+import json
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from conftest import randomized, tiny_config
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
-from modeling_ffvt.modeling_ffvt import GELU_ZERO_INPUT, FFVTDropout, FFVTLayer
 
 
 def reference_maws_picks(attention_logits: torch.Tensor, num_token: int) -> torch.Tensor:
@@ -87,12 +84,11 @@ def test_without_fusion_is_a_plain_vit():
     torch.testing.assert_close(output.logits, manual)
 
 
-def test_tuple_output_and_loss():
-    model = randomized(FFVTForImageClassification(tiny_config(label_smoothing=0.2)))
+def test_tuple_output_and_loss(tiny_model):
     pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
     with torch.no_grad():
-        loss, logits, picks = model(pixel_values, labels=labels, return_dict=False)
-    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+        loss, logits, picks = tiny_model(pixel_values, labels=labels, return_dict=False)
+    expected = -torch.log_softmax(logits, dim=-1)[torch.arange(2), labels].mean()
     torch.testing.assert_close(loss, expected)
     assert len(picks) == 3
 
@@ -127,7 +123,6 @@ def test_bad_inputs_get_clear_errors(tiny_model):
         (dict(image_size=30), "multiple of patch_size"),
         (dict(num_hidden_layers=1), "at least 2 layers"),
         (dict(hidden_size=30), "multiple of num_attention_heads"),
-        (dict(label_smoothing=1.0), "label_smoothing"),
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
     ],
 )
@@ -141,7 +136,7 @@ def test_config_defaults_are_the_papers():
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
     assert (config.image_size, config.patch_size, config.num_token) == (448, 16, 12)
     assert config.layer_norm_eps == 1e-6 and config.hidden_dropout_prob == 0.1
-    assert config.attention_probs_dropout_prob == 0.0 and config.feature_fusion and config.label_smoothing == 0.0
+    assert config.attention_probs_dropout_prob == 0.0 and config.feature_fusion
     assert config.fusion_sequence_length == 133
     assert tiny_config(num_hidden_layers=1, feature_fusion=False).num_hidden_layers == 1
 
@@ -259,156 +254,105 @@ def test_base_model_cls_token_only(tiny_model):
     torch.testing.assert_close(cls_only_ignored, full)
 
 
-def kept_for_backward(function, *inputs):
-    """function(*inputs) and the tensors autograd keeps for its backward pass."""
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: kept.append(tensor) or tensor, lambda tensor: tensor):
-        output = function(*inputs)
-    return output, kept
+def test_mlp_is_the_originals_in_training():
+    """fc1, exact GELU, dropout, fc2, dropout (Hugging Face ViT drops elsewhere): same values from the same seed."""
+    layer = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).vit.encoder.layer[0].train()
+    fc1, fc2 = layer.intermediate.dense, layer.output.dense
+    x = torch.randn(2, 65, 32)
+    torch.manual_seed(0)
+    output = layer.output(layer.intermediate(x))
+    torch.manual_seed(0)
+    hidden = torch.nn.functional.dropout(torch.nn.functional.gelu(x @ fc1.weight.T + fc1.bias), 0.3)
+    expected = torch.nn.functional.dropout(hidden @ fc2.weight.T + fc2.bias, 0.3)
+    torch.testing.assert_close(output, expected)
+    assert (output == 0).float().mean() > 0.2
 
 
-@pytest.mark.parametrize("p", [0.1, 0.3])
-def test_cpu_dropout_drops_at_rate_p_and_keeps_a_bool_mask(p):
-    x = torch.randn(400, 500, requires_grad=True)
-    output, kept_tensors = kept_for_backward(FFVTDropout(p).train(), x)
-    survived = output != 0
-    p_used = round(p * 2**16) / 2**16  # the documented 16-bit resolution
-    torch.testing.assert_close(output[survived], x[survived] / (1 - p_used))
-    dropped, n = (~survived).sum().item(), x.numel()
-    assert abs(dropped - p * n) < 5 * math.sqrt(n * p * (1 - p))
-    assert not torch.equal(survived[0], survived[1])
-    assert [(t.dtype, t.shape) for t in kept_tensors] == [(torch.bool, x.shape)]
-    output.backward(torch.ones_like(output))
-    torch.testing.assert_close(x.grad, survived / (1 - p_used))
+def binary_cross_entropy_by_hand(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))), where 1 - sigmoid(z) = sigmoid(-z)."""
+
+    def log_sigmoid(z):
+        return -torch.log1p(torch.exp(-z))
+
+    return -(targets * log_sigmoid(logits) + (1 - targets) * log_sigmoid(-logits)).mean()
 
 
-def test_dropout_edge_rates_and_eval_mode():
-    x = torch.randn(4, 8, requires_grad=True)
-    assert torch.equal(FFVTDropout(0.5).eval()(x), x)
-    assert torch.equal(FFVTDropout(0.0).train()(x), x)
-    everything_dropped = FFVTDropout(1.0).train()(x)
-    assert torch.equal(everything_dropped, torch.zeros_like(x))
-    everything_dropped.sum().backward()
-    assert torch.equal(x.grad, torch.zeros_like(x))
+def loss_and_logits(model, labels, **kwargs):
+    with torch.no_grad():
+        output = model(torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(1)), labels=labels,
+                       **kwargs)
+    return output.loss, output.logits
 
 
-def plain_feed_forward(layer, hidden_states):
-    return layer.output(layer.intermediate(hidden_states))
+@pytest.mark.parametrize(
+    "num_labels, labels, inferred",
+    [
+        (5, torch.tensor([1, 4, 0]), "single_label_classification"),
+        (5, torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 0, 0, 1]]), "multi_label_classification"),
+        (1, torch.tensor([0.5, -1.0, 2.0]), "regression"),
+    ],
+)
+def test_problem_type_is_inferred_from_labels_and_written_to_the_config(num_labels, labels, inferred):
+    model = randomized(FFVTForImageClassification(tiny_config(num_labels=num_labels)))
+    assert model.config.problem_type is None
+    loss, logits = loss_and_logits(model, labels)
+    assert model.config.problem_type == inferred
+    if inferred == "single_label_classification":
+        expected = -torch.log_softmax(logits, dim=-1)[torch.arange(3), labels].mean()
+    elif inferred == "multi_label_classification":
+        expected = binary_cross_entropy_by_hand(logits, labels)
+    else:
+        expected = ((logits[:, 0] - labels) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
 
 
-class LowRankAdapted(torch.nn.Module):
-    """A linear layer plus a low-rank update (as LoRA wraps one): two layers keep the same input for backward."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int = 2):
-        super().__init__()
-        self.base = base
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_gelu_and_its_gradient_vanish_at_the_dropped_input(dtype):
-    # Sizes that cover the vectorised loops and their scalar tails.
-    for size in (1, 7, 16, 33, 1000):
-        x = torch.full((size,), GELU_ZERO_INPUT, dtype=dtype, requires_grad=True)
-        y = torch.nn.functional.gelu(x)
-        y.backward(torch.full_like(y, 1e4))
-        assert torch.equal(y, torch.zeros_like(y)) and torch.equal(x.grad, torch.zeros_like(x))
+def test_an_explicit_problem_type_is_honoured():
+    """Float labels of a 5-class model would be inferred as multi-label; the configured regression wins."""
+    model = randomized(FFVTForImageClassification(tiny_config(problem_type="regression")))
+    targets = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    loss, logits = loss_and_logits(model, targets)
+    torch.testing.assert_close(loss, ((logits - targets) ** 2).mean())
+    model.config.problem_type = "multi_label_classification"
+    multi_hot = (targets > 0).float()
+    loss, logits = loss_and_logits(model, multi_hot)
+    torch.testing.assert_close(loss, binary_cross_entropy_by_hand(logits, multi_hot))
 
 
-@pytest.mark.parametrize("variant", ["float32", "adapted", "bf16_autocast", "float64"])
-def test_cpu_training_mlp_gives_the_plain_gradients(monkeypatch, variant):
-    """
-    In CPU training the MLP drops through GELU (dropped inputs set to GELU_ZERO_INPUT) and recomputes the dropped
-    activation for backward (outside autocast): the loss and every gradient equal those of the plain composition,
-    which draws the same masks from the same seed.
-    """
-    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
-    if variant == "adapted":
-        for layer in (*model.vit.encoder.layer, model.vit.encoder.fusion_layer):
-            layer.output.dense = LowRankAdapted(layer.output.dense)
-    if variant == "float64":
-        model.double()
-    pixel_values, labels = torch.randn(3, 3, 32, 32, dtype=model.dtype), torch.tensor([0, 1, 2])
-
-    def loss_and_gradients():
-        model.zero_grad()
-        torch.manual_seed(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_autocast"):
-            loss = model(pixel_values, labels=labels).loss
-        loss.backward()
-        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    loss, gradients = loss_and_gradients()
-    monkeypatch.setattr(FFVTLayer, "feed_forward", plain_feed_forward)
-    plain_loss, plain_gradients = loss_and_gradients()
-    assert torch.isfinite(loss)
-    assert torch.equal(loss, plain_loss)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(gradient, plain_gradients[name], rtol=0, atol=0, msg=name)
+@pytest.mark.parametrize(
+    "problem_type, labels",
+    [
+        ("single_label_classification", torch.tensor([1, 4, 0])),
+        ("multi_label_classification", torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 0, 0, 1]])),
+        ("regression", torch.randn(3, 5)),
+    ],
+)
+@pytest.mark.parametrize("bfloat16", ["autocast", "weights"])
+def test_bfloat16_gives_a_float32_loss_of_the_logits(problem_type, labels, bfloat16):
+    model = randomized(FFVTForImageClassification(tiny_config(problem_type=problem_type)))
+    if bfloat16 == "weights":
+        model.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16 == "autocast"):
+        loss, logits = loss_and_logits(model, labels)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    reference = {
+        "single_label_classification": lambda z: -torch.log_softmax(z, -1)[torch.arange(3), labels].mean(),
+        "multi_label_classification": lambda z: binary_cross_entropy_by_hand(z, labels),
+        "regression": lambda z: ((z - labels) ** 2).mean(),
+    }[problem_type]
+    torch.testing.assert_close(loss, reference(logits.float()))
 
 
-def test_cpu_training_mlp_keeps_only_the_gelu_input_at_full_width():
-    """Of the tensors as wide as the MLP, backward keeps only GELU's input: no mask, no dropped activation."""
-    layer = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.1))).vit.encoder.layer[0]
-    hidden_states = torch.randn(2, 65, 32, requires_grad=True)
-
-    def kept_at_full_width(training: bool):
-        output, kept = kept_for_backward(layer.train(training).feed_forward, hidden_states)
-        output.sum().backward()
-        return [t.dtype for t in kept if t.numel() == 2 * 65 * 64]
-
-    assert kept_at_full_width(training=True) == [torch.float32]
-    # The plain path (no dropout in eval mode) keeps the activation too: the check can see it.
-    assert kept_at_full_width(training=False) == [torch.float32] * 2
-
-
-def test_cpu_training_mlp_leaves_the_first_linear_output_as_hooks_saw_it():
-    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.5))).train()
-    dense = model.vit.encoder.layer[0].intermediate.dense
-    seen = []
-    dense.register_forward_hook(lambda module, args, output: seen.append((args[0].detach(), output)))
-    model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
-    [(inputs, output)] = seen
-    torch.testing.assert_close(output, dense(inputs), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_mlp_activation_is_freed_after_forward_only_in_cpu_training(training):
-    """What the memory saving rests on: nothing keeps the second linear layer's input alive once the forward ends."""
-    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.1))).train(training)
-    inputs_seen = []
-    for layer in model.vit.encoder.layer:
-        layer.output.dense.register_forward_pre_hook(lambda module, args: inputs_seen.append(weakref.ref(args[0])))
-    output = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
-    alive = [ref() is not None for ref in inputs_seen]
-    # Without dropout in play (eval mode) the activation is kept as usual: the check itself can see a kept tensor.
-    assert alive == [not training] * len(model.vit.encoder.layer)
-    output.loss.backward()
-
-
-def test_recomputed_mlp_activation_inside_a_callers_checkpoint():
-    """A caller's own non-reentrant checkpoint (saved-tensor hooks around ours) still gives the same gradients."""
-    model = randomized(FFVTForImageClassification(tiny_config(hidden_dropout_prob=0.3))).train()
-    pixel_values = torch.randn(3, 3, 32, 32)
-
-    def loss_and_gradients(checkpointed: bool):
-        model.zero_grad()
-        torch.manual_seed(0)
-        if checkpointed:
-            hidden_states = checkpoint(model.vit, pixel_values, use_reentrant=False).last_hidden_state
-        else:
-            hidden_states = model.vit(pixel_values).last_hidden_state
-        loss = model.classifier(hidden_states[:, 0]).logsumexp(-1).sum()
-        loss.backward()
-        return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    loss, gradients = loss_and_gradients(False)
-    checkpointed_loss, checkpointed_gradients = loss_and_gradients(True)
-    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
-    assert gradients.keys() == checkpointed_gradients.keys()
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=0, atol=0, msg=name)
+def test_configs_saved_with_label_smoothing_still_load(tmp_path, tiny_model):
+    """label_smoothing left the configuration (a training setting); folders saved with it load and ignore it."""
+    tiny_model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert "label_smoothing" not in saved
+    config_file.write_text(json.dumps({**saved, "label_smoothing": 0.1}))
+    loaded = FFVTForImageClassification.from_pretrained(tmp_path)
+    assert not hasattr(loaded.config, "label_smoothing")
+    labels = torch.tensor([1, 4])
+    loss, logits = loss_and_logits(loaded.eval(), labels)
+    torch.testing.assert_close(loss, -torch.log_softmax(logits, dim=-1)[torch.arange(2), labels].mean())
+    loaded.save_pretrained(tmp_path / "again")
+    assert "label_smoothing" not in json.loads((tmp_path / "again" / "config.json").read_text())
