@@ -12,7 +12,7 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from conftest import save_tiny_model
+from conftest import digits_of, save_tiny_model, write_digits
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -38,17 +38,10 @@ def model_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
     """train/ and test/ splits of class folders of scikit-learn digits, 2 and 5 grey PNGs per class."""
-    from sklearn.datasets import load_digits
-
     root = tmp_path_factory.mktemp("digits")
-    digits = load_digits()
     for name in DATA_CLASSES:
-        indices = np.flatnonzero(digits.target == int(name))
-        for split, chosen in (("train", indices[:2]), ("test", indices[2:7])):
-            (root / split / name).mkdir(parents=True)
-            for index in chosen:
-                image = Image.fromarray(np.uint8(digits.images[index] * 255 / 16)).resize((40, 40), Image.NEAREST)
-                image.save(root / split / name / f"{index}.png")
+        write_digits(root / "train" / name, digits_of(int(name), 2))
+        write_digits(root / "test" / name, digits_of(int(name), 5, skip=2))
     return root
 
 
@@ -106,6 +99,7 @@ def test_accuracies_and_confusions_match_a_hand_count(model_folder, digits_folde
     assert table.splitlines()[-3:] == ["most confused (true -> predicted: images)", *pairs]
 
 
+@pytest.mark.slow
 def test_across_processes(model_folder, digits_folder):
     """Two CPU processes (20 images in batches of 3 each: the last step pads, and gather_for_metrics drops it)."""
     model, folder = model_folder

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from conftest import randomized, tiny_config  # noqa: E402
+from conftest import digit_image, randomized, tiny_config  # noqa: E402
 from modeling_ffvt import FFVTForImageClassification  # noqa: E402
 from modeling_ffvt.export_onnx import export_onnx, main, verify_onnx  # noqa: E402
 from modeling_ffvt.image_processor import make_image_processor  # noqa: E402
@@ -26,10 +25,7 @@ def exported(tmp_path_factory):
 
 
 def digits(count):
-    from sklearn.datasets import load_digits
-
-    grey = load_digits().images[:count] * 255 / 16
-    return [Image.fromarray(np.uint8(image)).resize((40, 40), Image.NEAREST).convert("RGB") for image in grey]
+    return [digit_image(index).convert("RGB") for index in range(count)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

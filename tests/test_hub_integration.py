@@ -6,22 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
-from conftest import FIXTURES, save_tiny_model
+from conftest import FIXTURES, digit_image, save_tiny_model
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
 from modeling_ffvt.image_processor import make_image_processor
-
-
-def digit_image(index: int = 0) -> Image.Image:
-    from sklearn.datasets import load_digits
-
-    digit = load_digits().images[index]
-    return Image.fromarray(np.uint8(digit * 255 / 16)).convert("RGB").resize((40, 40), Image.NEAREST)
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ def test_missing_fusion_weights_are_initialised_like_a_fresh_model(saved_folder,
 
 def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
     model, folder = saved_folder
-    image = digit_image(3)
+    image = digit_image(3).convert("RGB")
     image.save(tmp_path / "digit.png")
     processor = make_image_processor(32, 36)
     with torch.no_grad():
@@ -128,7 +119,7 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
 def test_pipeline_with_the_package(saved_folder):
     _, folder = saved_folder
     classifier = pipeline("image-classification", model=str(folder))
-    grey = digit_image(5).convert("L")  # pipeline converts modes itself
+    grey = digit_image(5)  # pipeline converts modes itself
     predictions = classifier(grey, top_k=2)
     assert len(predictions) == 2 and predictions[0]["label"].startswith("digit_")
     assert predictions[0]["score"] >= predictions[1]["score"]

@@ -289,6 +289,7 @@ def run_command(*argv, cwd, **env):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["modeling_ffvt.predict", "modeling_ffvt.evaluate_cli", "modeling_ffvt.export_onnx"])
 def test_every_command_names_a_missing_model_without_a_traceback(tmp_path, module):
     write_digits(tmp_path / "data" / "0", [0])

@@ -11,6 +11,7 @@ nbclient = pytest.importorskip("nbclient")
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("QUICKSTART_OUTPUT_DIR", str(tmp_path / "quickstart_output"))

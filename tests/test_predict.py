@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny_model
+from conftest import digit_image, save_tiny_model
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.predict import main, selection_map_paths
 from modeling_ffvt.selection_map import selection_map
@@ -23,12 +23,9 @@ def saved_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Three digits in a folder tree, saved as grey, RGBA and palette PNGs."""
-    from sklearn.datasets import load_digits
-
     root = tmp_path_factory.mktemp("images")
     (root / "nested").mkdir()
-    digits = load_digits().images
-    grey = [Image.fromarray(np.uint8(digits[i] * 255 / 16)).resize((40, 40), Image.NEAREST) for i in range(3)]
+    grey = [digit_image(index) for index in range(3)]
     paths = [root / "a.png", root / "nested" / "b.png", root / "nested" / "c.png"]
     grey[0].save(paths[0])
     grey[1].convert("RGBA").save(paths[1])

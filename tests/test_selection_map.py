@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import DeiTImageProcessor
 
-from conftest import randomized, tiny_config
+from conftest import digit_image, randomized, tiny_config
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.selection_map import PADDING, draw_selection_map, model_input_image, pick_counts, selection_map
@@ -107,12 +107,6 @@ def test_heat_map_colours_cells_by_count():
     assert colour_of_count[0] == tuple(bar[0]) and colour_of_count[3] == tuple(bar[-1])
 
 
-def digit(index):
-    from sklearn.datasets import load_digits
-
-    return Image.fromarray(np.uint8(load_digits().images[index] * 255 / 16)).resize((40, 40), Image.NEAREST)
-
-
 def test_model_input_image_is_the_resized_crop():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 44, 3), dtype=np.uint8))
     processor = make_image_processor(32, 36)
@@ -146,5 +140,5 @@ def test_selection_map_draws_the_models_picks(processor, grid_size):
 
 def test_selection_map_of_a_digit_in_another_mode():
     model = randomized(FFVTForImageClassification(tiny_config()))
-    picture, outputs = selection_map(model, make_image_processor(32, 36), digit(3).convert("L"))
+    picture, outputs = selection_map(model, make_image_processor(32, 36), digit_image(3))
     assert picture.mode == "RGB" and outputs.logits.shape == (1, 5)

@@ -124,6 +124,7 @@ def digits_run(environment, digits, tmp_path_factory):
     return succeeded(run), output_dir
 
 
+@pytest.mark.slow
 def test_two_processes_reach_90_percent_on_the_digits(digits_run):
     run, output_dir = digits_run
     results = json.loads((output_dir / "all_results.json").read_text())
@@ -133,6 +134,7 @@ def test_two_processes_reach_90_percent_on_the_digits(digits_run):
     assert list(output_dir.glob("ffvt/events.out.tfevents.*")), "no TensorBoard log"
 
 
+@pytest.mark.slow
 def test_reloaded_model_and_processor_score_what_all_results_reports(digits_run, digits):
     _, output_dir = digits_run
     results = json.loads((output_dir / "all_results.json").read_text())
@@ -152,6 +154,7 @@ def test_reloaded_model_and_processor_score_what_all_results_reports(digits_run,
 # ---- exact resumption ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resuming_at_step_20_gives_the_weights_of_40_straight_steps(environment, digits, tmp_path):
     """Two processes, augmentation and dropout on, 7 steps an epoch: step 20 lies inside the third epoch."""
     model = json.dumps({**DEMO_MODEL, "hidden_dropout_prob": 0.1})
@@ -186,6 +189,7 @@ def test_unreadable_images_stop_the_run_before_step_1_naming_each(environment, i
     assert "Running training" not in run.stdout
 
 
+@pytest.mark.slow
 def test_skip_bad_images_drops_them_and_every_image_mode_trains(environment, image_folder, tmp_path):
     folder, _, _ = image_folder
     run = succeeded(train(environment, *small_run(folder, tmp_path), "--skip_bad_images", processes=2))
@@ -204,6 +208,7 @@ def test_bf16_with_gradient_checkpointing_on_cpu(environment, digits, tmp_path):
     assert "| mixed precision | bf16 |" in (tmp_path / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_a_folder_that_loads_whole(environment, digits, tmp_path):
     """`accelerate launch --dynamo_backend ...` compiles the prepared model, whose state dict prefixes every name."""
     succeeded(train({**environment, "ACCELERATE_DYNAMO_BACKEND": "EAGER"}, "--train_dir", digits / "train",
@@ -218,6 +223,7 @@ def test_a_compiled_run_saves_a_folder_that_loads_whole(environment, digits, tmp
 # ---- the demo ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_writes_a_complete_model_folder(environment, tmp_path):
     output_dir = tmp_path / "demo_output"
     run = succeeded(train(environment, "--demo", "--output_dir", output_dir, "--max_train_steps", 10,
@@ -230,7 +236,7 @@ def test_demo_writes_a_complete_model_folder(environment, tmp_path):
     assert config["id2label"] == {str(i): str(i) for i in range(10)} and config["model_type"] == "ffvt"
     results = json.loads((output_dir / "all_results.json").read_text())
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_mean_per_class_accuracy", "eval_loss", "step",
-                "train_loss", "train_runtime", "train_samples_per_second"):
+                "train_loss_run_mean", "train_loss_last_window", "train_runtime", "train_samples_per_second"):
         assert key in results, key
     card = ModelCard.load(output_dir / "README.md")
     metadata = metadata_load(output_dir / "README.md")
@@ -244,6 +250,7 @@ def test_demo_writes_a_complete_model_folder(environment, tmp_path):
         assert picture.width > 4 * 32  # one panel for each of the 3 selecting layers and the heat map
 
 
+@pytest.mark.slow
 def test_model_card_snippets_run_as_written(environment, tmp_path):
     """The card names the model by its folder, so from the folder's parent each snippet runs unchanged."""
     output_dir = tmp_path / "demo_output"
@@ -301,6 +308,7 @@ def test_clear_errors(environment, digits, tmp_path, case, message):
     assert "Traceback" not in run.stdout
 
 
+@pytest.mark.slow
 def test_an_output_dir_with_a_saved_model_is_never_overwritten_silently(environment, digits, tmp_path):
     output_dir = tmp_path / "out"
     common = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", SMALL_MODEL,

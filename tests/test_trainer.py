@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTModel
 
-from conftest import randomized, tiny_config
+from conftest import digits, randomized, tiny_config, write_digits
 from modeling_ffvt import FFVTForImageClassification
 
 USAGE = Path(__file__).resolve().parent.parent / "docs" / "usage.md"
@@ -23,15 +22,10 @@ def trainer_section_code_blocks() -> list[str]:
 
 def write_digits_folder(root: Path, per_split: dict[str, int]) -> None:
     """scikit-learn's 8x8 digits as grey PNGs in an image folder: root/<split>/<digit>/<index>.png."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
     start = 0
     for split, count in per_split.items():
         for index in range(start, start + count):
-            folder = root / split / str(digits.target[index])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.uint8(digits.images[index] * 255 / 16)).save(folder / f"{index}.png")
+            write_digits(root / split / str(digits().target[index]), [index], size=8)
         start += count
 
 
