@@ -1,5 +1,9 @@
 """The exported ONNX graph gives PyTorch's logits and picks at any batch size."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +75,19 @@ def test_dynamo_refuses_opsets_it_cannot_write(tmp_path):
     model = randomized(FFVTForImageClassification(tiny_config()))
     with pytest.raises(ValueError, match="opset 18 or later, not 17"):
         export_onnx(model, tmp_path / "model.onnx", opset=17)
+
+
+@pytest.mark.slow
+def test_the_command_prints_only_its_result(tmp_path):
+    """torch's exporter warns about torchvision's operators and its own pytree API; neither concerns this model."""
+    pytest.importorskip("onnxscript")
+    FFVTForImageClassification(tiny_config()).save_pretrained(tmp_path / "model")
+    run = subprocess.run(
+        [sys.executable, "-m", "modeling_ffvt.export_onnx", "--model", str(tmp_path / "model"), "--output",
+         str(tmp_path / "model.onnx")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"wrote {tmp_path / 'model.onnx'}")
+    for noise in ("torchvision", "Warning", "Loading weights"):
+        assert noise not in run.stderr, run.stderr
