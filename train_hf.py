@@ -553,63 +553,66 @@ def train_step(args, accelerator, model, optimizer, lr_scheduler, batch) -> torc
     return loss.detach()
 
 
-def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, evaluate_now, checkpoint,
-                    progress: Progress, window: LossWindow, progress_bar):
-    """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps.
-    Calls `evaluate_now()` and `checkpoint(name)` when their step comes."""
-    epoch, first_batch = progress.epoch, progress.batches_done
-    train_dataloader.set_epoch(epoch)
-    train_dataloader.dataset.set_epoch(epoch)
-    batches = accelerator.skip_first_batches(train_dataloader, first_batch) if first_batch else train_dataloader
+@dataclass
+class Prepared:
+    """What `accelerator.prepare` returned: the objects every step of the run uses."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dataloader: DataLoader
+    eval_dataloader: DataLoader
+
+
+def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
+    """Close the loss window, evaluate (keeping the best model), and log both, to trackers too."""
+    log = {**window.close(), "learning_rate": run.lr_scheduler.get_last_lr()[0],
+           "peak_memory_mb": peak_memory_mb(accelerator.device)}
+    log.update(evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress))
+    logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+    if args.with_tracking:
+        accelerator.log(log, step=progress.completed_steps)
+
+
+def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow, bar):
+    """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps,
+    evaluating and saving checkpoints when their steps come."""
+    epoch, first_batch, dataloader = progress.epoch, progress.batches_done, run.train_dataloader
+    dataloader.set_epoch(epoch)
+    dataloader.dataset.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch else dataloader
     for step, batch in enumerate(batches, start=first_batch):
         reseed_dropout(args.seed, epoch, step, accelerator.process_index)
-        window.loss += train_step(args, accelerator, model, optimizer, lr_scheduler, batch) / (
-            args.gradient_accumulation_steps
-        )
+        loss = train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, batch)
+        window.loss += loss / args.gradient_accumulation_steps
         window.images += len(batch["labels"]) * accelerator.num_processes
-        done = step + 1 == len(train_dataloader)
-        progress.epoch, progress.batches_done = (epoch + 1, 0) if done else (epoch, step + 1)
+        progress.epoch, progress.batches_done = (epoch + 1, 0) if step + 1 == len(dataloader) else (epoch, step + 1)
         if not accelerator.sync_gradients:
             continue
         progress.completed_steps += 1
         window.steps += 1
-        progress_bar.update(1)
-        if (args.eval_steps and progress.completed_steps % args.eval_steps == 0) or (
-            progress.completed_steps == args.max_train_steps
-        ):
-            evaluate_now()
-        if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-            checkpoint(f"step_{progress.completed_steps}")
-        if progress.completed_steps >= args.max_train_steps:
+        bar.update(1)
+        steps = progress.completed_steps
+        if (args.eval_steps and steps % args.eval_steps == 0) or steps == args.max_train_steps:
+            log_evaluation(args, accelerator, run, metric, processor, progress, window)
+        if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress)
+        if steps >= args.max_train_steps:
             return
     if args.checkpointing_steps == "epoch":
-        checkpoint(f"epoch_{epoch}")
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress)
 
 
-def train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader, processor,
-          progress: Progress, steps_per_epoch: int) -> dict:
+def train(args, accelerator, run: Prepared, processor, progress: Progress, steps_per_epoch: int) -> dict:
     """Train from `progress` to --max_train_steps, evaluating every --eval_steps and at the end; returns the run's
     training metrics for all_results.json."""
     metric = load_fgvc_accuracy(keep_in_memory=True)  # in memory: processes would share its cache files
     window, first_step = LossWindow(), progress.completed_steps
     bar = tqdm(total=args.max_train_steps, initial=first_step, disable=not accelerator.is_local_main_process)
-
-    def evaluate_now():
-        log = {**window.close(), "learning_rate": lr_scheduler.get_last_lr()[0],
-               "peak_memory_mb": peak_memory_mb(accelerator.device)}
-        log.update(evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, processor, progress))
-        logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
-        if args.with_tracking:
-            accelerator.log(log, step=progress.completed_steps)
-
-    def checkpoint(name):
-        save_checkpoint(accelerator, args.output_dir, name, progress)
-
     started = time.perf_counter()
-    model.train()
+    run.model.train()
     while progress.completed_steps < args.max_train_steps:
-        train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, evaluate_now, checkpoint,
-                        progress, window, bar)
+        train_one_epoch(args, accelerator, run, metric, processor, progress, window, bar)
     bar.close()
     runtime = time.perf_counter() - started
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -738,9 +741,7 @@ def main(argv=None):
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
     processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator)
     optimizer, lr_scheduler, steps_per_epoch = make_optimizer(args, model, train_dataloader, accelerator)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
+    run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader))
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
@@ -754,8 +755,7 @@ def main(argv=None):
     progress = Progress()
     if args.resume_from_checkpoint:
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
-    train_metrics = train(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, eval_dataloader,
-                          processor, progress, steps_per_epoch)
+    train_metrics = train(args, accelerator, run, processor, progress, steps_per_epoch)
     accelerator.end_training()
     if accelerator.is_main_process:
         finish(args, accelerator, config, progress, train_metrics, splits["validation"][0][args.image_column_name])
