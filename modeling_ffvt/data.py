@@ -26,7 +26,6 @@ class UnreadableImageError(ValueError):
 
     def __init__(self, path, reason):
         super().__init__(f"cannot read image {path}: {reason}")
-        self.path = str(path)
         self.reason = reason
 
 
