@@ -57,11 +57,6 @@ class FolderScan:
     images: list[Path] = field(default_factory=list)
     skipped: int = 0
 
-    def __iadd__(self, other: "FolderScan") -> "FolderScan":
-        self.images += other.images
-        self.skipped += other.skipped
-        return self
-
 
 def scan_images(folder: str | os.PathLike) -> FolderScan:
     """Every image file below `folder` (by extension), in sorted path order, without entering hidden folders."""
@@ -109,10 +104,28 @@ class ImageFolder:
         )
 
 
+@dataclass
+class _Shallow:
+    folders: list[Path]
+    images: list[Path]
+    skipped: int
+
+
+def _scan_shallow(folder: Path) -> _Shallow:
+    """The visible subfolders and image files directly inside `folder`, sorted."""
+    entries = sorted(folder.iterdir())
+    visible = [entry for entry in entries if not is_hidden(entry.name)]
+    return _Shallow(
+        folders=[entry for entry in visible if entry.is_dir()],
+        images=[entry for entry in visible if entry.is_file() and is_image_file(entry)],
+        skipped=len(entries) - len(visible),
+    )
+
+
 def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
     """(paths, class names, skipped) of FOLDER/CLASS/... trees: the class is the first folder below `folder`."""
     paths, labels, skipped = [], [], 0
-    top = scan_images_shallow(folder)
+    top = _scan_shallow(folder)
     if top.images:
         raise SystemExit(
             f"{flag} {folder} has images directly inside it ({_some(top.images)}): put them in one folder per class, "
@@ -125,24 +138,6 @@ def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
         paths += [str(path) for path in scan.images]
         labels += [class_folder.name] * len(scan.images)
     return paths, labels, skipped
-
-
-@dataclass
-class _Shallow:
-    folders: list[Path]
-    images: list[Path]
-    skipped: int
-
-
-def scan_images_shallow(folder: Path) -> _Shallow:
-    """The visible subfolders and image files directly inside `folder`, sorted."""
-    entries = sorted(folder.iterdir())
-    visible = [entry for entry in entries if not is_hidden(entry.name)]
-    return _Shallow(
-        folders=[entry for entry in visible if entry.is_dir()],
-        images=[entry for entry in visible if entry.is_file() and is_image_file(entry)],
-        skipped=len(entries) - len(visible),
-    )
 
 
 def _some(paths: list[Path], count: int = 3) -> str:
@@ -166,11 +161,11 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
     root = Path(folder)
     if not root.is_dir():
         raise SystemExit(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
-    top = scan_images_shallow(root)
+    top = _scan_shallow(root)
     if not top.folders:
         found = f"only images ({_some(top.images)})" if top.images else "no images"
         raise SystemExit(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
-    shallow = {sub: scan_images_shallow(sub) for sub in top.folders}
+    shallow = {sub: _scan_shallow(sub) for sub in top.folders}
     # An empty folder is neither a class nor a split: leave it out.
     top.folders = [sub for sub in top.folders if shallow[sub].images or shallow[sub].folders]
     if not top.folders:
