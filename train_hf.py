@@ -44,7 +44,6 @@ from modeling_ffvt.data import (
 )
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
-from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.inputs import (
     ImageFolder,
     check_disjoint,
@@ -59,6 +58,7 @@ from modeling_ffvt.inputs import (
     skipped_note,
     unknown_names_message,
 )
+from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 
 logger = get_logger(__name__)

@@ -279,6 +279,23 @@ def test_fresh_fusion_layer_scales_start_at_the_backbones_value(backbones):
     assert not torch.equal(model.vit.encoder.layer[0].attention_layer_scale.lambda1, torch.ones(32))  # loaded
 
 
+def test_registers_are_not_counted_among_the_candidates():
+    sizes = dict(SIZES, num_labels=2)  # an 8 x 8 grid: 65 candidates, 68 tokens with 3 registers
+    assert FFVTConfig(**sizes, num_register_tokens=3, num_token=65).num_token == 65
+    with pytest.raises(ValueError, match="num_token=66 must lie between 1 and the 65 tokens MAWS can pick from"):
+        FFVTConfig(**sizes, num_register_tokens=3, num_token=66)
+    with pytest.raises(ValueError, match="num_register_tokens must be 0 or more"):
+        FFVTConfig(**sizes, num_register_tokens=-1)
+
+
+def test_default_switches_leave_the_model_as_it_was():
+    config = FFVTConfig()
+    assert (config.patch_bias, config.embeddings_layernorm, config.layerscale_value, config.num_register_tokens) == (
+        True, False, None, 0)
+    names = FFVTForImageClassification(FFVTConfig(**SIZES, num_token=2)).state_dict()
+    assert not any("register" in name or "layer_scale" in name or "embeddings.layernorm" in name for name in names)
+
+
 def test_unsupported_backbones_are_refused(tmp_path):
     Dinov2Model(Dinov2Config(**SIZES, use_swiglu_ffn=True)).save_pretrained(tmp_path / "giant")
     with pytest.raises(ValueError, match="SwiGLU"):
