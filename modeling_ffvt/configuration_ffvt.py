@@ -172,8 +172,8 @@ class FFVTConfig(ViTConfig):
         if not 1 <= self.num_token <= num_tokens:
             raise ValueError(
                 f"num_token={self.num_token} must lie between 1 and the {num_tokens} tokens MAWS can pick from (CLS "
-                f"and patches) at "
-                f"image_size {image_size} with patch_size {patch_size}: lower num_token or raise image_size."
+                f"and patches) at image_size {image_size} with patch_size {patch_size}: lower num_token or raise "
+                "image_size."
             )
 
 

@@ -1,5 +1,5 @@
 """Reading checkpoints into FFVT: safe file reading, one name table per checkpoint family, the FFVTConfig a checkpoint
-implies, and copying its tensors into a model (with the original's position-embedding resizing).
+implies, and copying its tensors into a model (position embeddings resized each family's way).
 
 Families:
     GOOGLE_NPZ             Google's ViT `.npz` files (ViT-B_16.npz, ... as the paper starts from).
@@ -111,16 +111,21 @@ def _square_grid_side(position_embeddings: torch.Tensor) -> int | None:
     return side if side * side == num_patches else None
 
 
-def _cls_and_square_grid(position_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 1, hidden) CLS entry and (1, hidden, side, side) grid of square-grid position embeddings."""
+def _resize_grid(position_embeddings: torch.Tensor, grid_size: tuple[int, int], dtype, **interpolation):
+    """The CLS entry kept, the square grid resized to `grid_size` in `dtype` by `interpolate(**interpolation)`; the
+    embeddings themselves when the grid already has that size."""
     side = _square_grid_side(position_embeddings)
     if side is None:
         raise ValueError(
             f"Expected position embeddings of a square patch grid, got {position_embeddings.shape[1] - 1} patch "
             "positions."
         )
-    grid = position_embeddings[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    return position_embeddings[:, :1], grid
+    if (side, side) == tuple(grid_size):
+        return position_embeddings
+    grid = position_embeddings[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).to(dtype)
+    grid = torch.nn.functional.interpolate(grid, size=tuple(grid_size), **interpolation)
+    grid = grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)
+    return torch.cat([position_embeddings[:, :1], grid], dim=1)
 
 
 def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -132,11 +137,7 @@ def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tup
     Raises:
         ValueError: the grid is not square.
     """
-    cls_position, grid = _cls_and_square_grid(position_embeddings)
-    if grid.shape[-2:] == tuple(grid_size):
-        return position_embeddings
-    grid = torch.nn.functional.interpolate(grid.double(), size=tuple(grid_size), mode="bilinear", align_corners=True)
-    return torch.cat([cls_position, grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)], dim=1)
+    return _resize_grid(position_embeddings, grid_size, torch.float64, mode="bilinear", align_corners=True)
 
 
 def resize_position_embeddings_bicubic(
@@ -151,13 +152,9 @@ def resize_position_embeddings_bicubic(
     Raises:
         ValueError: the grid is not square.
     """
-    cls_position, grid = _cls_and_square_grid(position_embeddings)
-    if grid.shape[-2:] == tuple(grid_size):
-        return position_embeddings
-    grid = torch.nn.functional.interpolate(
-        grid.float(), size=tuple(grid_size), mode="bicubic", align_corners=False, antialias=antialias
+    return _resize_grid(
+        position_embeddings, grid_size, torch.float32, mode="bicubic", align_corners=False, antialias=antialias
     )
-    return torch.cat([cls_position, grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)], dim=1)
 
 
 def _resize_position_embeddings_antialiased(
