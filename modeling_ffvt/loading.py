@@ -450,15 +450,19 @@ class Checkpoint:
         return sorted(set(self.tensors) - self.read_names)
 
 
+# Image classifiers keep the backbone under their base model's prefix (`vit.` in ViTForImageClassification, ...).
+_CLASSIFIER_PREFIXES = {"vit": "vit.", "dinov2": "dinov2.", "dinov2_with_registers": "dinov2_with_registers."}
+
+
 def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
     """
     A backbone FFVT starts from: one of Google's `.npz` files (a path ending in `.npz`; the number of heads is read
     from its query kernels), or else a Hub id or local folder whose `config.json` names one of the
     `BACKBONE_FAMILIES` by its `model_type` (ViT, DINOv2, DINOv2 with registers, CLIP or CLIP's vision tower) and
     whose weights are in the Hub layout. The number of heads, the activation and, but for ViT (whose FFVT keeps the
-    original's 1e-6), the LayerNorm epsilon and layer scale come from that config. A ViT may carry
-    `ViTForImageClassification`'s `vit.` prefix; a `CLIPVisionModel` saved by transformers >= 5.4, which drops the
-    Hub's `vision_model.` prefix, is read as well. `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) apply to the
+    original's 1e-6), the LayerNorm epsilon and layer scale come from that config. Image classifiers
+    (`ViTForImageClassification`, `Dinov2ForImageClassification`, ...) are read without their base model's prefix;
+    a `CLIPVisionModel` saved by transformers >= 5.4, which drops the Hub's `vision_model.` prefix, is read as well. `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) apply to the
     Hub.
 
     Raises:
@@ -489,8 +493,9 @@ def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs
     if family in (DINOV2, DINOV2_WITH_REGISTERS):
         settings["layerscale_value"] = backbone_config.layerscale_value
     tensors = read_checkpoint(source, family.description, **hub_kwargs)
-    if family is HUB_VIT:
-        tensors = {name.removeprefix("vit."): tensor for name, tensor in tensors.items()}
+    if model_type in _CLASSIFIER_PREFIXES:
+        prefix = _CLASSIFIER_PREFIXES[model_type]
+        tensors = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
     elif family is CLIP and not any(name.startswith("vision_model.") for name in tensors):
         tensors = {f"vision_model.{name}": tensor for name, tensor in tensors.items()}
     return Checkpoint(tensors, family, source, settings)

@@ -25,8 +25,10 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
+    Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
     PreTrainedModel,
     ViTConfig,
@@ -196,6 +198,19 @@ def test_with_fusion_layers_and_picks_are_the_backbones(backbones, kind, image_s
         assert torch.equal(pruned.selected_token_indices[layer], picks), layer
         assert not ((picks >= 1) & (picks <= num_registers)).any()
     torch.testing.assert_close(pruned.logits, full.logits)
+
+
+@pytest.mark.parametrize("classifier_class", [Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification])
+def test_dinov2_image_classifiers_start_from_their_backbone(tmp_path, classifier_class):
+    config_class = Dinov2Config if classifier_class is Dinov2ForImageClassification else Dinov2WithRegistersConfig
+    classifier = randomise(classifier_class(config_class(**SIZES, num_labels=4)))
+    classifier.save_pretrained(tmp_path)
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    model = FFVTForImageClassification.from_vit_pretrained(str(tmp_path), num_labels=3, feature_fusion=False).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone(pixel_values).pooler_output
+        assert relative_error(model.vit(pixel_values).last_hidden_state[:, 0], expected) < 1e-5
 
 
 def test_registers_that_would_win_are_not_picked(backbones):
