@@ -368,6 +368,7 @@ def test_selection_map_and_counts_skip_the_register_offset(backbones):
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_register_model_keeps_the_picks(backbones, tmp_path):
     pytest.importorskip("onnxruntime")
     from modeling_ffvt.export_onnx import export_onnx, verify_onnx
