@@ -2,7 +2,8 @@
 
 Each backbone is a tiny random checkpoint made with transformers' classes and written by their save_pretrained (the
 layout the installed release writes: 5.24 drops CLIPVisionModel's `vision_model.` prefix, 5.0 keeps it), with every
-parameter randomised, layer scales and registers included, so that each one matters.
+parameter randomised, layer scales and registers included, so that each one matters (the registers near the CLS
+token's embedding, so that MAWS would pick them if it could).
 """
 
 import json
@@ -113,7 +114,7 @@ def backbones(tmp_path_factory):
                 noise = torch.randn(embeddings.register_tokens.shape, generator=torch.Generator().manual_seed(5))
                 embeddings.register_tokens.copy_(cls + 0.05 * noise)
         backbone.save_pretrained(folder)
-        reloaded = type(make_backbone(kind)).from_pretrained(folder, attn_implementation="eager").eval()
+        reloaded = type(backbone).from_pretrained(folder, attn_implementation="eager").eval()
         saved[kind] = folder, vision_tower(reloaded)
     return saved
 
