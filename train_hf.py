@@ -58,6 +58,7 @@ from modeling_ffvt.inputs import (
     skipped_note,
     unknown_names_message,
 )
+from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 
 logger = get_logger(__name__)
@@ -333,7 +334,8 @@ def encode_labels(splits, column, data):
 
 
 def load_model(args, names, labels):
-    """FFVT with a head for `names` (the data's classes), from an FFVT or ViT checkpoint, an .npz, or a config.
+    """FFVT with a head for `names` (the data's classes), from an FFVT checkpoint, a backbone (ViT, DINOv2, DINOv2
+    with registers, CLIP), an .npz, or a config.
 
     With plain integer labels an FFVT checkpoint keeps its head and classes; otherwise labels 0..max are the classes.
     """
@@ -344,8 +346,11 @@ def load_model(args, names, labels):
             start = AutoConfig.from_pretrained(args.model_name_or_path)
         except (OSError, ValueError) as error:
             raise model_load_error(args.model_name_or_path, error, "--model_name_or_path") from None
-    if start is not None and start.model_type not in ("ffvt", "vit"):
-        raise SystemExit(f"{args.model_name_or_path} is a {start.model_type!r} model: give an FFVT or ViT one.")
+    if start is not None and start.model_type != "ffvt" and start.model_type not in BACKBONE_FAMILIES:
+        raise SystemExit(
+            f"{args.model_name_or_path} is a {start.model_type!r} model: give an FFVT one or a backbone FFVT starts "
+            f"from ({', '.join(BACKBONE_FAMILIES)})."
+        )
     if names is None and not (start is not None and start.model_type == "ffvt"):
         names = [str(label) for label in range(max(labels) + 1)]
     head = {} if names is None else dict(
@@ -362,12 +367,15 @@ def load_model(args, names, labels):
         if args.config_name.lstrip().startswith("{"):
             return FFVTForImageClassification(FFVTConfig(**{**json.loads(args.config_name), **architecture, **head}))
         return FFVTForImageClassification(FFVTConfig.from_pretrained(args.config_name, **architecture, **head))
-    if start.model_type == "vit":
-        return FFVTForImageClassification.from_vit_pretrained(args.model_name_or_path, **head, **architecture)
+    if start.model_type in BACKBONE_FAMILIES:
+        try:
+            return FFVTForImageClassification.from_vit_pretrained(args.model_name_or_path, **head, **architecture)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if architecture.get("image_size", start.image_size) != start.image_size:
         raise SystemExit(
             f"{args.model_name_or_path} was trained at {start.image_size} px: drop --image_size, or start from a "
-            "ViT checkpoint, whose position embeddings are resized."
+            "backbone checkpoint, whose position embeddings are resized."
         )
     new_head = bool(head) and {int(i): name for i, name in start.id2label.items()} != head["id2label"]
     if new_head:
@@ -422,11 +430,13 @@ def make_dataloaders(args, splits, config, accelerator):
     """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
     validation through the very processor saved beside the model."""
     args.resize_size = args.resize_size or default_resize_size(config.image_size)
-    processor = make_image_processor(config.image_size, args.resize_size)
+    # The normalisation of the checkpoint training starts from (its own processor's, or its backbone family's).
+    mean, std = image_normalization(args.vit_npz or args.model_name_or_path)
+    processor = make_image_processor(config.image_size, args.resize_size, mean, std)
     eval_transform = ProcessorTransform(processor)
     train_transform = (
         eval_transform if args.recipe == "plain"
-        else FGVCTransform(args.recipe, config.image_size, args.resize_size, True)
+        else FGVCTransform(args.recipe, config.image_size, args.resize_size, True, mean, std)
     )
     train_dataset, eval_dataset = (
         ImageClassificationDataset(

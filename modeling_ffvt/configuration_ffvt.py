@@ -7,6 +7,13 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def patch_grid(image_size, patch_size) -> tuple[int, int]:
+    """(rows, columns) of the patch grid that `patch_size` patches (an int or (height, width)) cut from an image of
+    `image_size` (an int or (height, width)); the one place this arithmetic is done."""
+    (height, width), (patch_height, patch_width) = _pair(image_size), _pair(patch_size)
+    return height // patch_height, width // patch_width
+
+
 class FFVTConfig(ViTConfig):
     r"""
     Configuration of an FFVT model (Feature Fusion Vision Transformer, Wang, Yu and Gao, BMVC 2021).
@@ -26,7 +33,8 @@ class FFVTConfig(ViTConfig):
         intermediate_size (`int`, *optional*, defaults to 3072):
             Width of the hidden layer of each MLP.
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
-            Activation of the MLPs (`"gelu"` is the exact, erf-based GELU the original uses).
+            Activation of the MLPs (`"gelu"` is the exact, erf-based GELU the original uses; CLIP uses
+            `"quick_gelu"`).
         hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
             Dropout on the embeddings and, inside each MLP, after the activation and after the second linear layer
             (where the original puts it; Hugging Face ViT puts its dropouts elsewhere).
@@ -36,7 +44,8 @@ class FFVTConfig(ViTConfig):
             Standard deviation of the truncated normal that initialises the CLS token and the position embeddings of
             a model built from scratch.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
-            Epsilon of every LayerNorm. The original uses 1e-6; Hub ViT configurations say 1e-12.
+            Epsilon of every LayerNorm. The original uses 1e-6; Hub ViT configurations say 1e-12. Models started
+            from DINOv2 or CLIP take the backbone's (1e-6 and 1e-5).
         image_size (`int` or `tuple[int, int]`, *optional*, defaults to 448):
             Input resolution the position embeddings are made for.
         patch_size (`int` or `tuple[int, int]`, *optional*, defaults to 16):
@@ -45,9 +54,22 @@ class FFVTConfig(ViTConfig):
             Number of input channels.
         qkv_bias (`bool`, *optional*, defaults to `True`):
             Whether the query, key and value projections have a bias.
+        patch_bias (`bool`, *optional*, defaults to `True`):
+            Whether the patch projection has a bias (CLIP's has none).
+        embeddings_layernorm (`bool`, *optional*, defaults to `False`):
+            Whether a LayerNorm normalises the embeddings before the first layer (CLIP's `pre_layrnorm`).
+        layerscale_value (`float`, *optional*):
+            With a value, every residual branch (attention and MLP) is scaled per channel by a learned vector, as in
+            DINOv2, initialised to this value where a checkpoint does not fill it (the fusion layer). `None`, the
+            default, means no layer scale.
+        num_register_tokens (`int`, *optional*, defaults to 0):
+            Learned tokens placed after the CLS token, without position embeddings, as in DINOv2 with registers: a
+            layer's sequence is [CLS, registers, patches]. Registers take part in attention and in MAWS's softmaxes
+            but are never picked.
         num_token (`int`, *optional*, defaults to 12):
             Number of tokens MAWS keeps from each layer before the fusion layer (12 in the paper, 24 for Stanford
-            Dogs). The fusion layer sees `1 + (num_hidden_layers - 1) * num_token` tokens.
+            Dogs). The fusion layer sees `1 + (num_hidden_layers - 1) * num_token` tokens. At most the number of
+            patches plus one (the CLS token is a candidate, registers are not).
         feature_fusion (`bool`, *optional*, defaults to `True`):
             Whether the last layer is the fusion layer. `False` gives the plain ViT baseline of the paper's ablation.
         kwargs:
@@ -75,6 +97,10 @@ class FFVTConfig(ViTConfig):
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float | int = 0.1
     attention_probs_dropout_prob: float | int = 0.0
+    patch_bias: bool = True
+    embeddings_layernorm: bool = False
+    layerscale_value: float | int | None = None
+    num_register_tokens: int = 0
 
     def __init__(
         self,
@@ -84,10 +110,18 @@ class FFVTConfig(ViTConfig):
         layer_norm_eps: float = 1e-6,
         hidden_dropout_prob: float = 0.1,
         attention_probs_dropout_prob: float = 0.0,
+        patch_bias: bool = True,
+        embeddings_layernorm: bool = False,
+        layerscale_value: float | None = None,
+        num_register_tokens: int = 0,
         **kwargs,
     ):
         self.num_token = num_token
         self.feature_fusion = feature_fusion
+        self.patch_bias = patch_bias
+        self.embeddings_layernorm = embeddings_layernorm
+        self.layerscale_value = layerscale_value
+        self.num_register_tokens = num_register_tokens
         # A training setting that configurations saved by earlier versions carry; the model's loss follows
         # problem_type alone.
         kwargs.pop("label_smoothing", None)
@@ -103,8 +137,7 @@ class FFVTConfig(ViTConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """Number of patches along the height and the width at `image_size`."""
-        (height, width), (patch_height, patch_width) = _pair(self.image_size), _pair(self.patch_size)
-        return height // patch_height, width // patch_width
+        return patch_grid(self.image_size, self.patch_size)
 
     @property
     def fusion_sequence_length(self) -> int:
@@ -123,6 +156,8 @@ class FFVTConfig(ViTConfig):
                 f"image_size {image_size} must be a positive multiple of patch_size {patch_size}: "
                 f"use an image size of {patch_size[0]} x k."
             )
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be 0 or more, got {self.num_register_tokens}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
@@ -136,9 +171,10 @@ class FFVTConfig(ViTConfig):
         num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
         if not 1 <= self.num_token <= num_tokens:
             raise ValueError(
-                f"num_token={self.num_token} must lie between 1 and the {num_tokens} tokens a layer has at "
-                f"image_size {image_size} with patch_size {patch_size}: lower num_token or raise image_size."
+                f"num_token={self.num_token} must lie between 1 and the {num_tokens} tokens MAWS can pick from (CLS "
+                f"and patches) at image_size {image_size} with patch_size {patch_size}: lower num_token or raise "
+                "image_size."
             )
 
 
-__all__ = ["FFVTConfig"]
+__all__ = ["FFVTConfig", "patch_grid"]

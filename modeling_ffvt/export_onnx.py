@@ -4,7 +4,9 @@
 
 The graph takes `pixel_values` (batch, 3, height, width) at the model's image size, with any batch size, and returns
 `logits` (batch, num_labels) and, with feature fusion, `selected_token_indices` (batch, layers, num_token): the picks
-of every layer before the fusion layer, stacked. docs/onnx.md lists what the export does not cover.
+of every layer before the fusion layer, stacked, indexing each layer's sequence [CLS, registers, patches] as the
+PyTorch model's do (patch p is `1 + config.num_register_tokens + p`; registers are never picked). docs/onnx.md lists
+what the export does not cover.
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """The image processor saved beside every FFVT folder this project writes."""
 
+from collections.abc import Sequence
+
 import transformers
 from PIL import Image
 from transformers import AutoImageProcessor
@@ -24,10 +26,16 @@ def default_resize_size(image_size: int) -> int:
     return PAPER_RESIZE_SIZES.get(image_size, round(image_size * 600 / 448))
 
 
-def make_image_processor(image_size: int, resize_size: int | None = None) -> BaseImageProcessor:
+def make_image_processor(
+    image_size: int,
+    resize_size: int | None = None,
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> BaseImageProcessor:
     """
     The original's test transform as a transformers image processor: square bilinear resize to `resize_size` (aspect
-    ratio not kept), centre crop to `image_size`, ImageNet mean and standard deviation.
+    ratio not kept), centre crop to `image_size`, then normalisation by `image_mean` and `image_std`: ImageNet's, as
+    the original, unless the backbone was trained with others (CLIP; see `loading.image_normalization`).
     """
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
@@ -36,8 +44,8 @@ def make_image_processor(image_size: int, resize_size: int | None = None) -> Bas
         size={"height": resize_size, "width": resize_size},
         crop_size={"height": image_size, "width": image_size},
         resample=Image.BILINEAR,
-        image_mean=IMAGENET_DEFAULT_MEAN,
-        image_std=IMAGENET_DEFAULT_STD,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
 
 

@@ -1,31 +1,43 @@
 """Reading checkpoints into FFVT: safe file reading, one name table per checkpoint family, the FFVTConfig a checkpoint
-implies, and copying its tensors into a model (with the original's position-embedding resizing).
+implies, and copying its tensors into a model (position embeddings resized each family's way).
 
 Families:
-    GOOGLE_NPZ     Google's ViT `.npz` files (ViT-B_16.npz, ... as the paper starts from).
-    HUB_VIT        ViT checkpoints as the Hub stores them (`ViTModel`, or `ViTForImageClassification` under `vit.`).
-    ORIGINAL_FFVT  What the original FFVT `train.py` saves (github:Markin-Wang/FFVT).
+    GOOGLE_NPZ             Google's ViT `.npz` files (ViT-B_16.npz, ... as the paper starts from).
+    HUB_VIT                ViT checkpoints as the Hub stores them (`ViTModel`, or `ViTForImageClassification` under
+                           `vit.`).
+    DINOV2                 `Dinov2Model` checkpoints as the Hub stores them (facebook/dinov2-base, ...).
+    DINOV2_WITH_REGISTERS  `Dinov2WithRegistersModel` checkpoints (facebook/dinov2-with-registers-base, ...).
+    CLIP                   The vision tower of `CLIPModel` or `CLIPVisionModel` checkpoints
+                           (openai/clip-vit-base-patch16, ...), under `vision_model.` as the Hub stores them.
+    ORIGINAL_FFVT          What the original FFVT `train.py` saves (github:Markin-Wang/FFVT).
 
-A family is a `CheckpointFamily`: a table from FFVT's names to the family's, and what its files are. A `Checkpoint`
-reads a family's tensors under FFVT's names; `config_from_checkpoint` builds the configuration they fit, and
-`load_vit_backbone` (a backbone, as the original's `load_from`) or `load_checkpoint` (a whole FFVT) copies them.
+A family is a `CheckpointFamily`: a table from FFVT's names to the family's, what its files are, how its position
+embeddings are resized to another patch grid and which normalisation its images get. A `Checkpoint` reads a family's
+tensors under FFVT's names; `config_from_checkpoint` builds the configuration they fit, and `load_backbone` (a
+backbone, as the original's `load_from`) or `load_checkpoint` (a whole FFVT) copies them.
+
+Backbone files are read as stored (safetensors or .bin), never through transformers' model classes, whose in-memory
+names change between releases (5.24 renames DINOv2's attention and drops CLIPVisionModel's `vision_model`).
 
 This file ships beside modeling_ffvt.py in saved folders (remote code), so it imports only torch, safetensors, numpy,
 transformers and its own package's configuration, never the modeling file.
 """
 
+import json
 import math
 import os
 import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import ViTConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import cached_file
 
 from .configuration_ffvt import FFVTConfig
@@ -89,6 +101,69 @@ def read_checkpoint(pretrained_model_name_or_path: str, expected: str, **hub_kwa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Resizing position embeddings to another patch grid, each family its own way.
+
+
+def _square_grid_side(position_embeddings: torch.Tensor) -> int | None:
+    """The side of the square patch grid of (1, 1 + side * side, hidden) position embeddings; None if not square."""
+    num_patches = position_embeddings.shape[1] - 1
+    side = math.isqrt(num_patches)
+    return side if side * side == num_patches else None
+
+
+def _resize_grid(position_embeddings: torch.Tensor, grid_size: tuple[int, int], dtype, **interpolation):
+    """The CLS entry kept, the square grid resized to `grid_size` in `dtype` by `interpolate(**interpolation)`; the
+    embeddings themselves when the grid already has that size."""
+    side = _square_grid_side(position_embeddings)
+    if side is None:
+        raise ValueError(
+            f"Expected position embeddings of a square patch grid, got {position_embeddings.shape[1] - 1} patch "
+            "positions."
+        )
+    if (side, side) == tuple(grid_size):
+        return position_embeddings
+    grid = position_embeddings[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).to(dtype)
+    grid = torch.nn.functional.interpolate(grid, size=tuple(grid_size), **interpolation)
+    grid = grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)
+    return torch.cat([position_embeddings[:, :1], grid], dim=1)
+
+
+def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """
+    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g patch grid to `grid_size` as the original does
+    when it starts from a checkpoint trained at another resolution: the CLS entry is kept and the grid is resized by
+    linear interpolation with corners aligned (what `scipy.ndimage.zoom(order=1)` computes).
+
+    Raises:
+        ValueError: the grid is not square.
+    """
+    return _resize_grid(position_embeddings, grid_size, torch.float64, mode="bilinear", align_corners=True)
+
+
+def resize_position_embeddings_bicubic(
+    position_embeddings: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False
+) -> torch.Tensor:
+    """
+    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g grid to `grid_size` as `Dinov2Model` and
+    `CLIPVisionModel` do at run time with `interpolate_pos_encoding=True`: the CLS entry kept, the grid resized
+    bicubically in float32, corners not aligned, antialiased only with `antialias` (as `Dinov2WithRegistersModel`
+    does). Unchanged at the same grid, as theirs.
+
+    Raises:
+        ValueError: the grid is not square.
+    """
+    return _resize_grid(
+        position_embeddings, grid_size, torch.float32, mode="bicubic", align_corners=False, antialias=antialias
+    )
+
+
+def _resize_position_embeddings_antialiased(
+    position_embeddings: torch.Tensor, grid_size: tuple[int, int]
+) -> torch.Tensor:
+    return resize_position_embeddings_bicubic(position_embeddings, grid_size, antialias=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Name tables, one per family: FFVT's name (as in FFVTForImageClassification's state dict) -> the family's name, or
 # (the family's name, how its tensor becomes FFVT's layout). "{i}" stands for a layer's index.
 
@@ -103,10 +178,17 @@ class CheckpointFamily:
     Args:
         description (`str`): What its files are, as error messages complete "expected ...".
         names (`dict`): Its name table (see above).
+        resize_positions (`Callable`, *optional*): How its position embeddings, (1, 1 + g*g, hidden), are resized
+            to another patch grid; defaults to the original FFVT's [`resize_position_embeddings`].
+        image_mean, image_std (`tuple[float, float, float]`, *optional*): The normalisation its models were trained
+            with, when the checkpoint's folder has no image processor to say so; ImageNet's by default.
     """
 
     description: str
     names: Names
+    resize_positions: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = resize_position_embeddings
+    image_mean: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    image_std: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
 
 
 # Flax stores kernels input-first: convolutions (height, width, in, out), dense layers (in, out), attention
@@ -165,6 +247,101 @@ HUB_VIT = CheckpointFamily(
     "named like 'embeddings.cls_token' and 'encoder.layer.0.attention.attention.query.weight'",
     {name: name.removeprefix("vit.") for name in GOOGLE_NPZ.names},
 )
+
+
+# DINOv2's blocks keep ViT's attention names and call the rest after timm (norm1, mlp.fc1, layer_scale1, ...).
+_DINOV2_NAMES = {
+    "vit.embeddings.cls_token": "embeddings.cls_token",
+    "vit.embeddings.register_tokens": "embeddings.register_tokens",
+    "vit.embeddings.position_embeddings": "embeddings.position_embeddings",
+    "vit.embeddings.patch_embeddings.projection.weight": "embeddings.patch_embeddings.projection.weight",
+    "vit.embeddings.patch_embeddings.projection.bias": "embeddings.patch_embeddings.projection.bias",
+    "vit.encoder.layer.{i}.layernorm_before.weight": "encoder.layer.{i}.norm1.weight",
+    "vit.encoder.layer.{i}.layernorm_before.bias": "encoder.layer.{i}.norm1.bias",
+    **{
+        f"vit.encoder.layer.{{i}}.attention.{part}": f"encoder.layer.{{i}}.attention.{part}"
+        for part in (
+            "attention.query.weight", "attention.query.bias", "attention.key.weight", "attention.key.bias",
+            "attention.value.weight", "attention.value.bias", "output.dense.weight", "output.dense.bias",
+        )
+    },
+    "vit.encoder.layer.{i}.attention_layer_scale.lambda1": "encoder.layer.{i}.layer_scale1.lambda1",
+    "vit.encoder.layer.{i}.layernorm_after.weight": "encoder.layer.{i}.norm2.weight",
+    "vit.encoder.layer.{i}.layernorm_after.bias": "encoder.layer.{i}.norm2.bias",
+    "vit.encoder.layer.{i}.intermediate.dense.weight": "encoder.layer.{i}.mlp.fc1.weight",
+    "vit.encoder.layer.{i}.intermediate.dense.bias": "encoder.layer.{i}.mlp.fc1.bias",
+    "vit.encoder.layer.{i}.output.dense.weight": "encoder.layer.{i}.mlp.fc2.weight",
+    "vit.encoder.layer.{i}.output.dense.bias": "encoder.layer.{i}.mlp.fc2.bias",
+    "vit.encoder.layer.{i}.mlp_layer_scale.lambda1": "encoder.layer.{i}.layer_scale2.lambda1",
+    "vit.layernorm.weight": "layernorm.weight",
+    "vit.layernorm.bias": "layernorm.bias",
+}
+DINOV2 = CheckpointFamily(
+    "a DINOv2 checkpoint in the Hub layout (a Dinov2Model folder or Hub id), with tensors named like "
+    "'encoder.layer.0.attention.attention.query.weight' and 'encoder.layer.0.layer_scale1.lambda1'",
+    {name: stored for name, stored in _DINOV2_NAMES.items() if "register" not in name},
+    resize_positions=resize_position_embeddings_bicubic,
+)
+DINOV2_WITH_REGISTERS = CheckpointFamily(
+    "a DINOv2-with-registers checkpoint in the Hub layout (a Dinov2WithRegistersModel folder or Hub id), with "
+    "tensors named like 'embeddings.register_tokens' and 'encoder.layer.0.attention.attention.query.weight'",
+    _DINOV2_NAMES,
+    resize_positions=_resize_position_embeddings_antialiased,
+)
+
+
+def _class_embedding(vector: torch.Tensor) -> torch.Tensor:
+    return vector.view(1, 1, -1)
+
+
+def _position_table(weight: torch.Tensor) -> torch.Tensor:
+    return weight.unsqueeze(0)
+
+
+# CLIP's vision tower: a CLS vector and an nn.Embedding of positions, a bias-free patch projection, a LayerNorm before
+# the first layer (`pre_layrnorm`, sic) and `post_layernorm` on the CLS token after the last.
+_CLIP_LAYER = "vision_model.encoder.layers.{i}."
+CLIP = CheckpointFamily(
+    "a CLIP checkpoint in the Hub layout (a CLIPModel or CLIPVisionModel folder or Hub id), with tensors named like "
+    "'vision_model.encoder.layers.0.self_attn.q_proj.weight'",
+    {
+        "vit.embeddings.cls_token": ("vision_model.embeddings.class_embedding", _class_embedding),
+        "vit.embeddings.position_embeddings": ("vision_model.embeddings.position_embedding.weight", _position_table),
+        "vit.embeddings.patch_embeddings.projection.weight": "vision_model.embeddings.patch_embedding.weight",
+        "vit.embeddings.layernorm.weight": "vision_model.pre_layrnorm.weight",
+        "vit.embeddings.layernorm.bias": "vision_model.pre_layrnorm.bias",
+        "vit.encoder.layer.{i}.layernorm_before.weight": _CLIP_LAYER + "layer_norm1.weight",
+        "vit.encoder.layer.{i}.layernorm_before.bias": _CLIP_LAYER + "layer_norm1.bias",
+        "vit.encoder.layer.{i}.attention.attention.query.weight": _CLIP_LAYER + "self_attn.q_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.query.bias": _CLIP_LAYER + "self_attn.q_proj.bias",
+        "vit.encoder.layer.{i}.attention.attention.key.weight": _CLIP_LAYER + "self_attn.k_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.key.bias": _CLIP_LAYER + "self_attn.k_proj.bias",
+        "vit.encoder.layer.{i}.attention.attention.value.weight": _CLIP_LAYER + "self_attn.v_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.value.bias": _CLIP_LAYER + "self_attn.v_proj.bias",
+        "vit.encoder.layer.{i}.attention.output.dense.weight": _CLIP_LAYER + "self_attn.out_proj.weight",
+        "vit.encoder.layer.{i}.attention.output.dense.bias": _CLIP_LAYER + "self_attn.out_proj.bias",
+        "vit.encoder.layer.{i}.layernorm_after.weight": _CLIP_LAYER + "layer_norm2.weight",
+        "vit.encoder.layer.{i}.layernorm_after.bias": _CLIP_LAYER + "layer_norm2.bias",
+        "vit.encoder.layer.{i}.intermediate.dense.weight": _CLIP_LAYER + "mlp.fc1.weight",
+        "vit.encoder.layer.{i}.intermediate.dense.bias": _CLIP_LAYER + "mlp.fc1.bias",
+        "vit.encoder.layer.{i}.output.dense.weight": _CLIP_LAYER + "mlp.fc2.weight",
+        "vit.encoder.layer.{i}.output.dense.bias": _CLIP_LAYER + "mlp.fc2.bias",
+        "vit.layernorm.weight": "vision_model.post_layernorm.weight",
+        "vit.layernorm.bias": "vision_model.post_layernorm.bias",
+    },
+    resize_positions=resize_position_embeddings_bicubic,
+    image_mean=tuple(OPENAI_CLIP_MEAN),
+    image_std=tuple(OPENAI_CLIP_STD),
+)
+
+# The backbone families `read_backbone` tells apart by the `model_type` of a folder's config.json.
+BACKBONE_FAMILIES = {
+    "vit": HUB_VIT,
+    "dinov2": DINOV2,
+    "dinov2_with_registers": DINOV2_WITH_REGISTERS,
+    "clip": CLIP,
+    "clip_vision_model": CLIP,
+}
 
 
 _ORIGINAL_NAMES = {
@@ -273,16 +450,25 @@ class Checkpoint:
         return sorted(set(self.tensors) - self.read_names)
 
 
-def read_vit_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
+# Image classifiers keep the backbone under their base model's prefix (`vit.` in ViTForImageClassification, ...).
+_CLASSIFIER_PREFIXES = {"vit": "vit.", "dinov2": "dinov2.", "dinov2_with_registers": "dinov2_with_registers."}
+
+
+def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
     """
-    A ViT backbone: one of Google's `.npz` files (a path ending in `.npz`; the number of heads is read from its query
-    kernels), or else a Hub id or local folder with a ViT `config.json` (heads and activation come from it) and
-    weights in the Hub layout, with or without the `vit.` prefix of `ViTForImageClassification`. `hub_kwargs`
-    (`revision`, `token`, `cache_dir`, ...) apply to the Hub.
+    A backbone FFVT starts from: one of Google's `.npz` files (a path ending in `.npz`; the number of heads is read
+    from its query kernels), or else a Hub id or local folder whose `config.json` names one of the
+    `BACKBONE_FAMILIES` by its `model_type` (ViT, DINOv2, DINOv2 with registers, CLIP or CLIP's vision tower) and
+    whose weights are in the Hub layout. The number of heads, the activation and, but for ViT (whose FFVT keeps the
+    original's 1e-6), the LayerNorm epsilon and layer scale come from that config. Image classifiers
+    (`ViTForImageClassification`, `Dinov2ForImageClassification`, ...) are read without their base model's prefix;
+    a `CLIPVisionModel` saved by transformers >= 5.4, which drops the Hub's `vision_model.` prefix, is read as well. `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) apply to the
+    Hub.
 
     Raises:
         OSError: the folder or Hub id holds no config or no weights.
-        ValueError: the file cannot be read or is not of the family its name says.
+        ValueError: the file cannot be read or is not of the family its name or config says; a model type FFVT
+            cannot start from, or a DINOv2 with a SwiGLU MLP (the giant models).
     """
     source = os.fspath(pretrained_model_name_or_path)
     if source.endswith(".npz"):
@@ -290,14 +476,58 @@ def read_vit_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kw
         query_kernel = checkpoint.stored("vit.encoder.layer.0.attention.attention.query.weight")
         checkpoint.settings["num_attention_heads"] = query_kernel.shape[1]
         return checkpoint
-    vit_config = ViTConfig.from_pretrained(source, **hub_kwargs)
-    tensors = read_checkpoint(source, HUB_VIT.description, **hub_kwargs)
-    return Checkpoint(
-        {name.removeprefix("vit."): tensor for name, tensor in tensors.items()},
-        HUB_VIT,
-        source,
-        {"num_attention_heads": vit_config.num_attention_heads, "hidden_act": vit_config.hidden_act},
-    )
+    model_type = PretrainedConfig.get_config_dict(source, **hub_kwargs)[0].get("model_type")
+    family = BACKBONE_FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"{source} is a {model_type!r} model; FFVT starts from {', '.join(map(repr, BACKBONE_FAMILIES))} "
+            "checkpoints or Google's ViT .npz files."
+        )
+    backbone_config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    backbone_config = getattr(backbone_config, "vision_config", backbone_config)  # a CLIPModel's vision tower
+    if getattr(backbone_config, "use_swiglu_ffn", False):
+        raise ValueError(f"{source} has a SwiGLU MLP (DINOv2 giant), which FFVT does not implement.")
+    settings = {"num_attention_heads": backbone_config.num_attention_heads, "hidden_act": backbone_config.hidden_act}
+    if family is not HUB_VIT:
+        settings["layer_norm_eps"] = backbone_config.layer_norm_eps
+    if family in (DINOV2, DINOV2_WITH_REGISTERS):
+        settings["layerscale_value"] = backbone_config.layerscale_value
+    tensors = read_checkpoint(source, family.description, **hub_kwargs)
+    if model_type in _CLASSIFIER_PREFIXES:
+        prefix = _CLASSIFIER_PREFIXES[model_type]
+        tensors = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
+    elif family is CLIP and not any(name.startswith("vision_model.") for name in tensors):
+        tensors = {f"vision_model.{name}": tensor for name, tensor in tensors.items()}
+    return Checkpoint(tensors, family, source, settings)
+
+
+def image_normalization(
+    pretrained_model_name_or_path: str | os.PathLike | None, **hub_kwargs
+) -> tuple[list[float], list[float]]:
+    """
+    The (mean, std) images get for a model started from, or saved at, `pretrained_model_name_or_path`.
+
+    A saved FFVT, or a DINOv2 or CLIP backbone, says so in its folder's `preprocessor_config.json`; without one, a
+    backbone gets its family's values (ImageNet's for DINOv2, OpenAI's for CLIP) and an FFVT ImageNet's. ViT starts
+    (Hub folders and Google's `.npz`) get ImageNet's, as the original trains them, whatever a Hub ViT's processor
+    says; so does `None` (a model built from a configuration).
+
+    Raises:
+        OSError: a folder or Hub id without `config.json`.
+    """
+    if pretrained_model_name_or_path is None or os.fspath(pretrained_model_name_or_path).endswith(".npz"):
+        return list(HUB_VIT.image_mean), list(HUB_VIT.image_std)
+    source = os.fspath(pretrained_model_name_or_path)
+    model_type = PretrainedConfig.get_config_dict(source, **hub_kwargs)[0].get("model_type")
+    family = BACKBONE_FAMILIES.get(model_type, HUB_VIT)
+    if family is not HUB_VIT or model_type == "ffvt":
+        path = cached_file(
+            source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        processor = {} if path is None else json.loads(Path(path).read_text(encoding="utf-8"))
+        if "image_mean" in processor and "image_std" in processor:
+            return list(processor["image_mean"]), list(processor["image_std"])
+    return list(family.image_mean), list(family.image_std)
 
 
 def read_original_checkpoint(checkpoint_path: str | os.PathLike) -> Checkpoint:
@@ -325,18 +555,12 @@ def read_original_checkpoint(checkpoint_path: str | os.PathLike) -> Checkpoint:
 # The configuration a checkpoint fits.
 
 
-def _square_grid_side(position_embeddings: torch.Tensor) -> int | None:
-    """The side of the square patch grid of (1, 1 + side * side, hidden) position embeddings; None if not square."""
-    num_patches = position_embeddings.shape[1] - 1
-    side = math.isqrt(num_patches)
-    return side if side * side == num_patches else None
-
-
 def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfig:
     """
     The [`FFVTConfig`] of `checkpoint`: the sizes its tensors show (width, number of layers, a fusion layer included,
-    MLP width, patch size, channels, whether the query, key and value have biases, the classes of a head it has, and
-    the image size of its position embeddings' square grid), then its `settings`, then `config_kwargs`, each
+    MLP width, patch size, channels, whether the query, key, value and patch projections have biases, whether the
+    embeddings have a LayerNorm, the number of register tokens, the classes of a head it has, and the image size of
+    its position embeddings' square grid), then its `settings` (layer scale among them), then `config_kwargs`, each
     overriding the one before. `image_size=None` counts as not given.
 
     Raises:
@@ -353,7 +577,11 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
         "patch_size": patch_size[0] if patch_size[0] == patch_size[1] else tuple(patch_size),
         "num_channels": num_channels,
         "qkv_bias": "vit.encoder.layer.0.attention.attention.query.bias" in checkpoint,
+        "patch_bias": "vit.embeddings.patch_embeddings.projection.bias" in checkpoint,
+        "embeddings_layernorm": "vit.embeddings.layernorm.weight" in checkpoint,
     }
+    if "vit.embeddings.register_tokens" in checkpoint:
+        sizes["num_register_tokens"] = checkpoint["vit.embeddings.register_tokens"].shape[1]
     if "classifier.weight" in checkpoint:
         sizes["num_labels"] = checkpoint["classifier.weight"].shape[0]
     if config_kwargs.get("image_size") is None:
@@ -370,49 +598,30 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
 # Copying a checkpoint into a model.
 
 
-def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """
-    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g patch grid to `grid_size` as the original does
-    when it starts from a checkpoint trained at another resolution: the CLS entry is kept and the grid is resized by
-    linear interpolation with corners aligned (what `scipy.ndimage.zoom(order=1)` computes).
-
-    Raises:
-        ValueError: the grid is not square.
-    """
-    side = _square_grid_side(position_embeddings)
-    if side is None:
-        raise ValueError(
-            f"Expected position embeddings of a square patch grid, got {position_embeddings.shape[1] - 1} patch "
-            "positions."
-        )
-    if (side, side) == tuple(grid_size):
-        return position_embeddings
-    cls_position, grid = position_embeddings[:, :1], position_embeddings[:, 1:]
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).double()
-    grid = torch.nn.functional.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=True)
-    grid = grid.flatten(2).transpose(1, 2).to(position_embeddings.dtype)
-    return torch.cat([cls_position, grid], dim=1)
-
-
-# What FFVT takes from a ViT backbone: the final LayerNorm only exists (as `vit.layernorm`) without feature fusion.
+# What FFVT takes from a backbone: the final LayerNorm only exists (as `vit.layernorm`) without feature fusion.
 _BACKBONE_PREFIXES = ("vit.embeddings.", "vit.encoder.layer.", "vit.layernorm.")
 
 
 @torch.no_grad()
-def load_vit_backbone(model: torch.nn.Module, checkpoint: Checkpoint):
+def load_backbone(model: torch.nn.Module, checkpoint: Checkpoint):
     """
-    Copies a ViT backbone into `model`, an `FFVTForImageClassification`, as the original's `load_from` does: the
-    embeddings (the position embeddings resized to the model's patch grid by [`resize_position_embeddings`]), the
-    layers before the fusion layer (all of them without feature fusion) and, without feature fusion, the final
-    LayerNorm. The fusion layer, its LayerNorm and the head keep their initialisation; the rest of the checkpoint (a
-    pooler, a head, the last layer with feature fusion) is not read.
+    Copies a backbone into `model`, an `FFVTForImageClassification`, as the original's `load_from` does: the
+    embeddings, the layers before the fusion layer (all of them without feature fusion) and, without feature fusion,
+    the final LayerNorm. The fusion layer, its LayerNorm and the head keep their initialisation; the rest of the
+    checkpoint (a pooler, a head, DINOv2's mask token, CLIP's text tower, the last layer with feature fusion) is not
+    read.
+
+    The position embeddings are stored resized to the model's patch grid, once, the checkpoint family's way
+    (`family.resize_positions`): the original's for ViT, and for DINOv2 and CLIP what the backbone itself computes
+    with `interpolate_pos_encoding=True` at `config.image_size`, so that FFVT at that size sees the very embeddings
+    the backbone would.
 
     Raises:
         ValueError: a tensor is missing from the checkpoint or does not fit the model's configuration.
     """
     tensors = {name: checkpoint[name] for name in model.state_dict() if name.startswith(_BACKBONE_PREFIXES)}
     positions = "vit.embeddings.position_embeddings"
-    tensors[positions] = resize_position_embeddings(tensors[positions], model.config.grid_size)
+    tensors[positions] = checkpoint.family.resize_positions(tensors[positions], model.config.grid_size)
     _copy_into(model, tensors, checkpoint.source)
 
 
@@ -446,17 +655,23 @@ def _copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
 
 
 __all__ = [
+    "BACKBONE_FAMILIES",
+    "CLIP",
+    "DINOV2",
+    "DINOV2_WITH_REGISTERS",
     "GOOGLE_NPZ",
     "HUB_VIT",
     "ORIGINAL_FFVT",
     "Checkpoint",
     "CheckpointFamily",
     "config_from_checkpoint",
+    "image_normalization",
+    "load_backbone",
     "load_checkpoint",
-    "load_vit_backbone",
+    "read_backbone",
     "read_checkpoint",
     "read_original_checkpoint",
     "read_state_dict",
-    "read_vit_backbone",
     "resize_position_embeddings",
+    "resize_position_embeddings_bicubic",
 ]

@@ -2,7 +2,9 @@
 
 The parts FFVT shares with ViT carry the parameter names Hub ViT checkpoints are stored with
 (`vit.encoder.layer.N.attention.attention.query`, ...), so those checkpoints map onto FFVT as they are. The layers are
-defined here rather than borrowed from transformers' ViT, whose internals change between releases.
+defined here rather than borrowed from transformers' ViT, whose internals change between releases. Four switches of
+FFVTConfig cover the other backbones FFVT starts from (DINOv2, DINOv2 with registers, CLIP): layer scale, register
+tokens, a LayerNorm on the embeddings and a patch projection without bias; loading.py maps their checkpoints.
 """
 
 import math
@@ -19,8 +21,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .configuration_ffvt import FFVTConfig, _pair
-from .loading import config_from_checkpoint, load_vit_backbone, read_vit_backbone
+from .configuration_ffvt import FFVTConfig, _pair, patch_grid
+from .loading import config_from_checkpoint, load_backbone, read_backbone
 
 
 @dataclass
@@ -41,7 +43,8 @@ class FFVTModelOutput(ModelOutput):
             sequence_length, sequence_length)`. They are computed even under sdpa or flash attention.
         selected_token_indices (`tuple(torch.LongTensor)`):
             With feature fusion, one `(batch_size, num_token)` tensor per layer before the fusion layer: the indices,
-            into that layer's sequence (0 is the CLS token), of the tokens MAWS picked, best first. Empty without
+            into that layer's sequence `[CLS, registers, patches]` (0 is the CLS token, patch p is
+            `1 + num_register_tokens + p`), of the tokens MAWS picked, best first. Never a register. Empty without
             feature fusion.
     """
 
@@ -78,14 +81,20 @@ class FFVTPatchEmbeddings(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         patch_size = _pair(config.patch_size)
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size, bias=config.patch_bias
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
 class FFVTEmbeddings(nn.Module):
-    """CLS token followed by the patch embeddings, plus position embeddings."""
+    """
+    CLS token followed by the patch embeddings, plus position embeddings; then the register tokens, if any, between the
+    CLS token and the patches (without position embeddings, as DINOv2 with registers places them), and the embeddings'
+    LayerNorm, if any (CLIP's).
+    """
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
@@ -95,10 +104,23 @@ class FFVTEmbeddings(nn.Module):
         self.patch_embeddings = FFVTPatchEmbeddings(config)
         num_positions = 1 + self.grid_size[0] * self.grid_size[1]
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+            if config.num_register_tokens
+            else None
+        )
+        if config.embeddings_layernorm:
+            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.layernorm = nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
-        """Position embeddings for a `grid_height` x `grid_width` patch grid, resized bicubically as ViT does."""
+        """
+        Position embeddings for a `grid_height` x `grid_width` patch grid, resized bicubically as ViT does. Models
+        started from a backbone store theirs already resized to `image_size` the backbone's way (see loading.py), so
+        this runs only for inputs of another size.
+        """
         if (grid_height, grid_width) == self.grid_size:
             return self.position_embeddings
         cls_position, grid = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
@@ -115,9 +137,8 @@ class FFVTEmbeddings(nn.Module):
                 f"{tuple(pixel_values.shape)}: convert images to {self.config.num_channels} channels (RGB) first."
             )
         height, width = pixel_values.shape[-2:]
-        patch_height, patch_width = _pair(self.config.patch_size)
         if interpolate_pos_encoding:
-            positions = self.interpolate_pos_encoding(height // patch_height, width // patch_width)
+            positions = self.interpolate_pos_encoding(*patch_grid((height, width), self.config.patch_size))
         elif (height, width) != _pair(self.config.image_size):
             raise ValueError(
                 f"Input image size ({height}x{width}) does not match the model's image_size "
@@ -127,8 +148,12 @@ class FFVTEmbeddings(nn.Module):
         else:
             positions = self.position_embeddings
         patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
-        cls_tokens = self.cls_token.expand(patches.shape[0], -1, -1)
-        return self.dropout(torch.cat([cls_tokens, patches], dim=1) + positions)
+        batch_size = patches.shape[0]
+        embeddings = torch.cat([self.cls_token.expand(batch_size, -1, -1), patches], dim=1) + positions
+        if self.register_tokens is not None:
+            registers = self.register_tokens.expand(batch_size, -1, -1)
+            embeddings = torch.cat([embeddings[:, :1], registers, embeddings[:, 1:]], dim=1)
+        return self.dropout(self.layernorm(embeddings))  # (batch, 1 + registers + patches, hidden)
 
 
 def eager_attention_forward(
@@ -164,6 +189,14 @@ def mutual_attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: flo
     return cls_attends_to_token * token_attends_to_cls
 
 
+def exclude_registers(scores: torch.Tensor, num_register_tokens: int) -> torch.Tensor:
+    """MAWS scores (batch, tokens) with the register tokens (indices 1 to `num_register_tokens`) made unpickable."""
+    if not num_register_tokens:
+        return scores
+    registers = scores.new_full((scores.shape[0], num_register_tokens), float("-inf"))
+    return torch.cat([scores[:, :1], registers, scores[:, 1 + num_register_tokens :]], dim=1)
+
+
 def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tensor:
     """The tokens `indices` (batch, k) of each image of `tokens` (batch, tokens, ...): (batch, k, ...)."""
     index = indices.view(*indices.shape, *(1,) * (tokens.dim() - 2)).expand(-1, -1, *tokens.shape[2:])
@@ -197,6 +230,7 @@ class FFVTSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # transformers' sdpa function reads this and would otherwise mask causally
         self.dropout_prob = config.attention_probs_dropout_prob
+        self.num_register_tokens = config.num_register_tokens
         self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -226,7 +260,9 @@ class FFVTSelfAttention(nn.Module):
         if num_token:
             with torch.no_grad():
                 maws_query = self.split_heads(self.query, hidden_states) if query is None else query
-                picks = mutual_attention_scores(maws_query, key, self.scaling).topk(num_token, dim=-1).indices
+                # Registers take part in both softmaxes, as they do in attention, but are never candidates.
+                scores = mutual_attention_scores(maws_query, key, self.scaling)
+                picks = exclude_registers(scores, self.num_register_tokens).topk(num_token, dim=-1).indices
         if query is None:
             query = self.split_heads(self.query, keep_rows(hidden_states, rows, picks))
 
@@ -295,8 +331,20 @@ class FFVTOutput(nn.Module):
         return self.dropout(self.dense(hidden_states))
 
 
+class FFVTLayerScale(nn.Module):
+    """DINOv2's layer scale: a residual branch multiplied by a learned per-channel vector."""
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
 class FFVTLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block: `x + Attention(LN(x))`, then `x + MLP(LN(x))`."""
+    """Pre-norm transformer block: `x + Attention(LN(x))`, then `x + MLP(LN(x))`, each branch scaled per channel when
+    the configuration has layer scale."""
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
@@ -305,6 +353,9 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = FFVTIntermediate(config)
         self.output = FFVTOutput(config)
+        layer_scale = config.layerscale_value is not None
+        self.attention_layer_scale = FFVTLayerScale(config) if layer_scale else nn.Identity()
+        self.mlp_layer_scale = FFVTLayerScale(config) if layer_scale else nn.Identity()
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
@@ -316,8 +367,9 @@ class FFVTLayer(GradientCheckpointingLayer):
         attended, probabilities, picks = self.attention(
             self.layernorm_before(hidden_states), output_attentions, num_token, rows
         )
-        hidden_states = keep_rows(hidden_states, rows, picks) + attended  # (batch, kept rows, hidden)
-        hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        hidden_states = keep_rows(hidden_states, rows, picks) + self.attention_layer_scale(attended)
+        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        hidden_states = hidden_states + self.mlp_layer_scale(mlp_output)  # (batch, kept rows, hidden)
         return hidden_states, probabilities, picks
 
 
@@ -330,6 +382,7 @@ class FFVTEncoder(nn.Module):
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.num_token = config.num_token
+        self.num_register_tokens = config.num_register_tokens
         num_plain_layers = config.num_hidden_layers - 1 if config.feature_fusion else config.num_hidden_layers
         self.layer = nn.ModuleList(FFVTLayer(config) for _ in range(num_plain_layers))
         self.fusion_layer = FFVTLayer(config) if config.feature_fusion else None
@@ -344,7 +397,7 @@ class FFVTEncoder(nn.Module):
         torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]
     ]:
         """
-        The data flow, from the embeddings `hidden_states` (batch, 1 + patches, hidden):
+        The data flow, from the embeddings `hidden_states` (batch, 1 + registers + patches, hidden):
 
             for each plain layer:  hidden_states = layer(hidden_states)
                                    picks = MAWS(that layer's attention)            # (batch, num_token)
@@ -356,9 +409,10 @@ class FFVTEncoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         fusing = self.fusion_layer is not None
-        if fusing and self.num_token > hidden_states.shape[1]:
+        num_candidates = hidden_states.shape[1] - self.num_register_tokens
+        if fusing and self.num_token > num_candidates:
             raise ValueError(
-                f"num_token={self.num_token} is more than the {hidden_states.shape[1]} tokens of a layer at this image "
+                f"num_token={self.num_token} is more than the {num_candidates} tokens MAWS can pick from at this image "
                 "size: use larger images or a model with a smaller num_token."
             )
         # Unless every layer's full output is returned, the last plain layer is needed only at its CLS token and its
@@ -417,13 +471,18 @@ class FFVTPreTrainedModel(ViTPreTrainedModel):
         """
         The original's initialisation: PyTorch's defaults for the patch projection and the attention, xavier-uniform
         weights and N(0, 1e-6) biases in the MLPs, unit LayerNorms and a zero classifier. A model started from a
-        backbone therefore gets the fusion layer, its LayerNorm and the head the original would give it. The CLS token
-        and position embeddings, zeros in the original but always loaded there, get ViT's truncated normal.
+        backbone therefore gets the fusion layer, its LayerNorm and the head the original would give it. The CLS token,
+        position embeddings and registers, zeros in the original but always loaded there, get ViT's truncated normal;
+        layer scales start at `config.layerscale_value`, as DINOv2's.
         """
         # transformers skips modules that own no parameters themselves, so each rule names the owning module.
         if isinstance(module, FFVTEmbeddings):
             init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
+            if module.register_tokens is not None:
+                init.trunc_normal_(module.register_tokens, std=self.config.initializer_range)
+        elif isinstance(module, FFVTLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
         elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -572,29 +631,33 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         **config_kwargs,
     ) -> "FFVTForImageClassification":
         """
-        Starts FFVT from a ViT checkpoint the way the original starts from Google's `.npz`: a Hub ViT (a `ViTModel` or
-        `ViTForImageClassification` folder or Hub id, e.g. `google/vit-base-patch16-224-in21k`, which holds the
-        weights of the paper's ViT-B_16.npz) or one of Google's `.npz` files itself (a path ending in `.npz`). The
-        architecture comes from the checkpoint, the position embeddings are resized to `image_size`, the first
-        `num_hidden_layers - 1` layers are loaded (all of them and the final LayerNorm with `feature_fusion=False`),
-        and the fusion layer, its LayerNorm and the zero head are fresh. LayerNorm epsilon stays the original's 1e-6
-        whatever a Hub config says.
+        Starts FFVT from a backbone checkpoint the way the original starts from Google's `.npz`: a Hub ViT (a `ViTModel`
+        or `ViTForImageClassification` folder or Hub id, e.g. `google/vit-base-patch16-224-in21k`, which holds the
+        weights of the paper's ViT-B_16.npz), one of Google's `.npz` files itself (a path ending in `.npz`), or a
+        DINOv2 (`facebook/dinov2-base`), DINOv2 with registers (`facebook/dinov2-with-registers-base`) or CLIP
+        (`openai/clip-vit-base-patch16`, a `CLIPModel` whose vision tower is read, or a `CLIPVisionModel`) folder or Hub
+        id. The family comes from the checkpoint's `config.json`, the architecture from the checkpoint, the position
+        embeddings are resized to `image_size` once, here, the family's way (the original's for ViT, the backbone's own
+        `interpolate_pos_encoding` for DINOv2 and CLIP), the first `num_hidden_layers - 1` layers are loaded (all of
+        them and the final LayerNorm with `feature_fusion=False`), and the fusion layer, its LayerNorm and the zero
+        head are fresh. LayerNorm epsilon stays the original's 1e-6 for ViT whatever a Hub config says; DINOv2 and
+        CLIP keep their own. [`~loading.image_normalization`] gives the mean and std the images should get.
 
         Args:
-            pretrained_model_name_or_path (`str`): Hub id or local folder of a ViT, or the path of a `.npz` file.
+            pretrained_model_name_or_path (`str`): Hub id or local folder of a backbone, or the path of a `.npz` file.
             num_labels (`int`): Number of classes of the new head.
             image_size (`int` or `tuple[int, int]`, *optional*): Input resolution; defaults to the checkpoint's.
             num_token (`int`, *optional*, defaults to 12): Tokens MAWS keeps per layer.
-            feature_fusion (`bool`, *optional*, defaults to `True`): `False` gives the plain ViT baseline.
+            feature_fusion (`bool`, *optional*, defaults to `True`): `False` gives the plain backbone with a head.
             hub_kwargs (`dict`, *optional*): `revision`, `token`, `cache_dir`, ... for reading from the Hub.
             config_kwargs: Further [`FFVTConfig`] arguments (`id2label`, `hidden_dropout_prob`, ...).
 
         Raises:
             OSError: a folder or Hub id without a config or weights.
-            ValueError: a file that cannot be read, or that lacks a tensor or has one of another shape; the message
-                names the file and the tensor.
+            ValueError: a model type FFVT cannot start from; a file that cannot be read, or that lacks a tensor or
+                has one of another shape; the message names the file and the tensor.
         """
-        checkpoint = read_vit_backbone(pretrained_model_name_or_path, **(hub_kwargs or {}))
+        checkpoint = read_backbone(pretrained_model_name_or_path, **(hub_kwargs or {}))
         config = config_from_checkpoint(
             checkpoint,
             num_labels=num_labels,
@@ -604,7 +667,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             **config_kwargs,
         )
         model = cls(config)
-        load_vit_backbone(model, checkpoint)
+        load_backbone(model, checkpoint)
         return model
 
 

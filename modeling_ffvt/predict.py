@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .configuration_ffvt import _pair
+from .configuration_ffvt import patch_grid
 from .data import find_unreadable_images, load_rgb
 from .inputs import IMAGE_EXTENSIONS, load_classifier, scan_images, skipped_note
 from .selection_map import draw_selection_map, model_input_image
@@ -108,10 +108,10 @@ def predict(model, processor, files, top_k=5, batch_size=8, selection_maps=None)
             if selection_maps is not None:
                 path = selection_maps[start + row]
                 picks = [layer[row] for layer in outputs.selected_token_indices]
-                patch_height, patch_width = _pair(model.config.patch_size)
-                grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
+                grid = patch_grid(pixel_values.shape[-2:], model.config.patch_size)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                draw_selection_map(model_input_image(pixel_values[row], processor), picks, grid).save(path)
+                image = model_input_image(pixel_values[row], processor)
+                draw_selection_map(image, picks, grid, num_register_tokens=model.config.num_register_tokens).save(path)
                 result["selection_map"] = str(path)
             yield result
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .configuration_ffvt import _pair
+from .configuration_ffvt import _pair, patch_grid
 from .data import load_rgb
 
 OUTLINE_COLOR = (255, 0, 0)
@@ -40,8 +40,9 @@ def model_input_image(pixel_values: torch.Tensor, processor) -> Image.Image:
     return Image.fromarray(pixels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
 
-def _picks_per_layer(selected_token_indices) -> list[np.ndarray]:
-    """One 1-D int array per layer from tensors, arrays or lists, each 1-D or (1, num_token)."""
+def _picks_per_layer(selected_token_indices, num_register_tokens: int = 0) -> list[np.ndarray]:
+    """One 1-D int array per layer from tensors, arrays or lists, each 1-D or (1, num_token), indexing the sequence
+    [CLS, patches]: the model's indices into [CLS, registers, patches] less the registers' offset."""
     layers = []
     for picks in selected_token_indices:
         picks = np.asarray(picks.detach().cpu() if isinstance(picks, torch.Tensor) else picks, dtype=np.int64)
@@ -52,26 +53,34 @@ def _picks_per_layer(selected_token_indices) -> list[np.ndarray]:
                 f"Expected one image's picks per layer, got an array of shape {picks.shape}: pass "
                 "[layer[i] for layer in outputs.selected_token_indices] for image i of a batch."
             )
-        layers.append(picks)
+        registers = picks[(picks >= 1) & (picks <= num_register_tokens)]
+        if registers.size:
+            raise ValueError(
+                f"Token index {registers[0]} is one of the {num_register_tokens} register tokens, which MAWS never "
+                "picks: are these the picks of this model?"
+            )
+        layers.append(np.where(picks > num_register_tokens, picks - num_register_tokens, picks))
     if not layers:
         raise ValueError("No picks to draw: selected_token_indices is empty (a model without feature fusion).")
     return layers
 
 
-def pick_counts(selected_token_indices, grid_size) -> tuple[np.ndarray, int]:
+def pick_counts(selected_token_indices, grid_size, num_register_tokens: int = 0) -> tuple[np.ndarray, int]:
     """How many layers picked each patch, as a `grid_size` array, and how many picked the CLS token.
 
-    `selected_token_indices` holds one image's picks per layer: token 0 is CLS, token p + 1 the patch p of the
-    row-major grid. Raises ValueError for indices outside the grid.
+    `selected_token_indices` holds one image's picks per layer: token 0 is CLS, tokens 1 to `num_register_tokens`
+    the registers, token `1 + num_register_tokens + p` the patch p of the row-major grid. Raises ValueError for
+    indices outside the grid and for registers.
     """
     rows, columns = _pair(grid_size)
     counts = np.zeros(rows * columns + 1, dtype=np.int64)
-    for picks in _picks_per_layer(selected_token_indices):
+    for picks in _picks_per_layer(selected_token_indices, num_register_tokens):
         outside = picks[(picks < 0) | (picks > rows * columns)]
         if outside.size:
+            last = rows * columns + num_register_tokens
             raise ValueError(
-                f"Token index {outside[0]} is outside a {rows} x {columns} patch grid (tokens 0 to "
-                f"{rows * columns}): is grid_size the grid of the image the model saw?"
+                f"Token index {outside[0] + (num_register_tokens if outside[0] > 0 else 0)} is outside a {rows} x "
+                f"{columns} patch grid (tokens 0 to {last}): is grid_size the grid of the image the model saw?"
             )
         np.add.at(counts, picks, 1)
     return counts[1:].reshape(rows, columns), int(counts[0])
@@ -131,6 +140,7 @@ def draw_selection_map(
     min_cell_size: int = 16,
     outline_color=OUTLINE_COLOR,
     columns: int = 4,
+    num_register_tokens: int = 0,
 ) -> Image.Image:
     """Draw where MAWS picked tokens in one image.
 
@@ -147,6 +157,7 @@ def draw_selection_map(
         min_cell_size: Scale the image up by the smallest whole factor that makes a patch cell this many pixels.
         outline_color: RGB colour of the rectangles drawn just inside each picked patch's cell.
         columns: Panels per row.
+        num_register_tokens: The model's `config.num_register_tokens`: picks index [CLS, registers, patches].
 
     Returns:
         A PIL image: one panel per layer, titled "layer N" (with "(+CLS)" when the layer picked the CLS token),
@@ -160,7 +171,7 @@ def draw_selection_map(
             f"A {grid_size[0]} x {grid_size[1]} grid of {cell[0]} x {cell[1]} patches does not fit a "
             f"{image.height} x {image.width} image: pass the image the model saw and its patch grid."
         )
-    picks = _picks_per_layer(selected_token_indices)
+    picks = _picks_per_layer(selected_token_indices, num_register_tokens)
     layers = range(len(picks)) if layers is None else list(layers)
     picks = [picks[layer] for layer in layers]
     counts, cls_count = pick_counts(picks, grid_size)
@@ -212,12 +223,12 @@ def selection_map(model, processor, image, **draw_kwargs) -> tuple[Image.Image, 
         pixel_values=pixel_values.to(model.device),
         interpolate_pos_encoding=(height, width) != _pair(config.image_size),
     )
-    patch_height, patch_width = _pair(config.patch_size)
     picture = draw_selection_map(
         model_input_image(pixel_values[0], processor),
         outputs.selected_token_indices,
-        (height // patch_height, width // patch_width),
-        (patch_height, patch_width),
+        patch_grid((height, width), config.patch_size),
+        config.patch_size,
+        num_register_tokens=config.num_register_tokens,
         **draw_kwargs,
     )
     return picture, outputs

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import digit_image, save_tiny_model
+from conftest import digit_image, randomized, save_tiny_model, tiny_config
+from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.predict import main, selection_map_paths
-from modeling_ffvt.selection_map import selection_map
+from modeling_ffvt.selection_map import draw_selection_map, model_input_image, selection_map
 
 LABELS = {i: f"digit_{i}" for i in range(5)}
 
@@ -84,6 +85,23 @@ def test_selection_maps(saved_model, images, tmp_path, capsys):
 
     main([str(paths[0]), "--model", str(folder), "--selection_map", str(tmp_path / "one.png")])
     assert (tmp_path / "one.png").is_file()
+
+
+def test_selection_map_of_a_model_with_registers(images, tmp_path):
+    """Picks index [CLS, registers, patches]: the map shows patch p where the model picked token 1 + registers + p."""
+    _, paths = images
+    model = randomized(FFVTForImageClassification(tiny_config(num_register_tokens=2, layerscale_value=0.5)))
+    model.save_pretrained(tmp_path / "model")
+    processor = make_image_processor(32, 36)
+    processor.save_pretrained(tmp_path / "model")
+    main([str(paths[0]), "--model", str(tmp_path / "model"), "--selection_map", str(tmp_path / "map.png")])
+    pixel_values = processor(Image.open(paths[0]).convert("RGB"), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        picks = model(pixel_values).selected_token_indices
+    assert all(not ((layer >= 1) & (layer <= 2)).any() for layer in picks)
+    patch_picks = [layer[0] - 2 * (layer[0] > 0) for layer in picks]  # as a model without registers would number
+    expected = draw_selection_map(model_input_image(pixel_values[0], processor), patch_picks, (8, 8), 4)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "map.png")), np.asarray(expected))
 
 
 def test_selection_map_names_keep_repeated_stems_apart(tmp_path):
