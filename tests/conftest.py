@@ -1,5 +1,6 @@
 import functools
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPOSITORY = Path(__file__).resolve().parent.parent
 ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
 
 
@@ -93,3 +95,20 @@ def write_digits(folder, indices, size: int = 40) -> list[Path]:
 def digits_of(label: int, count: int, skip: int = 0) -> list[int]:
     """Indices of `count` digits showing `label`, after the first `skip` of them."""
     return np.flatnonzero(digits().target == label)[skip : skip + count].tolist()
+
+
+def hidden_package_script(body: str) -> str:
+    """A Python script that runs `body` with the modeling_ffvt package unimportable."""
+    return textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        class HidePackage(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "modeling_ffvt" or name.startswith("modeling_ffvt."):
+                    raise ImportError("modeling_ffvt is hidden for this test")
+
+        sys.meta_path.insert(0, HidePackage())
+        sys.path = [p for p in sys.path if p not in ("", {str(REPOSITORY)!r})]
+        """
+    ) + textwrap.dedent(body)

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from conftest import digit_image, digits_of, write_digits
+from conftest import digit_image, digits_of, hidden_package_script, write_digits
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.loading import (
@@ -387,23 +386,6 @@ def train(environment, *args):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-5000:]
     return run
-
-
-def hidden_package_script(body: str) -> str:
-    """A Python script that runs `body` with the modeling_ffvt package unimportable."""
-    return textwrap.dedent(
-        f"""
-        import importlib.abc, json, sys
-
-        class HidePackage(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_ffvt" or name.startswith("modeling_ffvt."):
-                    raise ImportError("modeling_ffvt is hidden for this test")
-
-        sys.meta_path.insert(0, HidePackage())
-        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
-        """
-    ) + textwrap.dedent(body)
 
 
 @pytest.mark.slow

@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
-from conftest import FIXTURES, digit_image, save_tiny_model
+from conftest import FIXTURES, digit_image, hidden_package_script, save_tiny_model
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -76,17 +75,8 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
     with torch.no_grad():
         expected = model(processor(image, return_tensors="pt").pixel_values).logits.softmax(-1)[0]
 
-    script = textwrap.dedent(
+    script = hidden_package_script(
         f"""
-        import importlib.abc, json, sys
-
-        class HidePackage(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_ffvt" or name.startswith("modeling_ffvt."):
-                    raise ImportError("modeling_ffvt is hidden for this test")
-
-        sys.meta_path.insert(0, HidePackage())
-        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
         from transformers import AutoModel, AutoModelForImageClassification, pipeline
         try:
             import modeling_ffvt
