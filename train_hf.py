@@ -358,20 +358,19 @@ def load_model(args, names, labels):
     )
     architecture = {key: value for key, value in (("image_size", args.image_size), ("num_token", args.num_token))
                     if value is not None}
-    if args.vit_npz:
-        from conversion.convert_vit_npz_to_hf import convert_vit_npz
-
-        architecture.setdefault("image_size", 448)  # the paper's resolution; the .npz does not record one
-        return convert_vit_npz(args.vit_npz, **architecture, **head)
-    if args.model_name_or_path is None:
+    if args.vit_npz or (start is not None and start.model_type in BACKBONE_FAMILIES):
+        if args.vit_npz:
+            architecture.setdefault("image_size", 448)  # the paper's resolution; the .npz does not record one
+        try:
+            return FFVTForImageClassification.from_vit_pretrained(
+                args.vit_npz or args.model_name_or_path, **head, **architecture
+            )
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if start is None:
         if args.config_name.lstrip().startswith("{"):
             return FFVTForImageClassification(FFVTConfig(**{**json.loads(args.config_name), **architecture, **head}))
         return FFVTForImageClassification(FFVTConfig.from_pretrained(args.config_name, **architecture, **head))
-    if start.model_type in BACKBONE_FAMILIES:
-        try:
-            return FFVTForImageClassification.from_vit_pretrained(args.model_name_or_path, **head, **architecture)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
     if architecture.get("image_size", start.image_size) != start.image_size:
         raise SystemExit(
             f"{args.model_name_or_path} was trained at {start.image_size} px: drop --image_size, or start from a "
