@@ -40,7 +40,7 @@ def convert_original_checkpoint(
     return model
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", required=True, help="The .bin file the original train.py saved.")
     parser.add_argument("--pytorch_dump_folder_path", required=True, help="Folder to write the converted model to.")
@@ -52,7 +52,7 @@ def main():
     parser.add_argument("--image_size", type=int, help="Input resolution; read from the position embeddings if unset.")
     parser.add_argument("--resize_size", type=int,
                         help="Resize before the centre crop in the saved image processor (600 for 448, 500 for 384).")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         convert_original_checkpoint(
             args.checkpoint_path,

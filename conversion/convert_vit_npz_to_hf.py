@@ -36,7 +36,7 @@ def convert_vit_npz(
     return model
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--npz_path", required=True, help="Google's ViT checkpoint, e.g. ViT-B_16.npz.")
     parser.add_argument("--pytorch_dump_folder_path", required=True, help="Folder to write the model to.")
@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--num_token", type=int, default=12, help="Tokens MAWS keeps per layer (24 for Dogs).")
     parser.add_argument("--no_feature_fusion", action="store_true", help="Build the plain ViT baseline instead.")
     parser.add_argument("--resize_size", type=int, help="Resize before the centre crop in the image processor.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.npz_path.endswith(".npz"):
         parser.error(f"--npz_path {args.npz_path} does not end in .npz: give one of Google's ViT .npz files.")
     try:
