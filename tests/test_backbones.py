@@ -462,7 +462,7 @@ def test_remote_code_without_the_package_for_each_family(backbones, tmp_path):
         f"""
         import torch
         from transformers import AutoModelForImageClassification
-        pixel_values = torch.load({str(tmp_path / "pixels.pt")!r})
+        pixel_values = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
         report = {{}}
         for kind, backbone in {folders!r}.items():
             model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r} + "/" + kind,
