@@ -98,7 +98,7 @@ def digits_of(label: int, count: int, skip: int = 0) -> list[int]:
 
 
 def hidden_package_script(body: str) -> str:
-    """A Python script that runs `body` with the modeling_ffvt package unimportable."""
+    """A Python script that runs `body` with the modeling_ffvt package unimportable (it stops first if it is not)."""
     return textwrap.dedent(
         f"""
         import importlib.abc, json, sys
@@ -110,5 +110,10 @@ def hidden_package_script(body: str) -> str:
 
         sys.meta_path.insert(0, HidePackage())
         sys.path = [p for p in sys.path if p not in ("", {str(REPOSITORY)!r})]
+        try:
+            import modeling_ffvt
+            raise SystemExit("the package was importable")
+        except ImportError:
+            pass
         """
     ) + textwrap.dedent(body)
