@@ -1,5 +1,8 @@
 import functools
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +18,22 @@ from modeling_ffvt.image_processor import make_image_processor
 FIXTURES = Path(__file__).parent / "fixtures"
 REPOSITORY = Path(__file__).resolve().parent.parent
 ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
+
+
+def run_python(*args, cwd=None, env=None, processes: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python ARGS` (a script path, `-m module` or `-c code`; str() of each) as a user would, offline, one torch
+    thread a process (two threads on two busy cores can run forty times slower than one), with `env` on top of this
+    process's variables. `processes` > 1 starts that many real CPU processes through `accelerate launch` (its `--cpu`
+    flag starts only one). Returns the finished process: stdout and stderr together in `.stdout`, as text."""
+    args = [str(arg) for arg in args]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   **(env or {})}
+    if processes > 1:
+        args = ["-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--multi_gpu", "--main_process_port", "0",
+                "--num_processes", str(processes), *args]
+        environment["ACCELERATE_USE_CPU"] = "true"
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPOSITORY, env=environment, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def tiny_config(**overrides) -> FFVTConfig:
