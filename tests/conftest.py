@@ -20,11 +20,13 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
 
 
-def run_python(*args, cwd=None, env=None, processes: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_python(*args, cwd=None, env=None, processes: int = 1, separate_stderr: bool = False,
+               timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python ARGS` (a script path, `-m module` or `-c code`; str() of each) as a user would, offline, one torch
     thread a process (two threads on two busy cores can run forty times slower than one), with `env` on top of this
     process's variables. `processes` > 1 starts that many real CPU processes through `accelerate launch` (its `--cpu`
-    flag starts only one). Returns the finished process: stdout and stderr together in `.stdout`, as text."""
+    flag starts only one). Returns the finished process with its output as text: stdout and stderr together in
+    `.stdout`, or apart with `separate_stderr`."""
     args = [str(arg) for arg in args]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                    **(env or {})}
@@ -33,7 +35,7 @@ def run_python(*args, cwd=None, env=None, processes: int = 1, timeout: float = 6
                 "--num_processes", str(processes), *args]
         environment["ACCELERATE_USE_CPU"] = "true"
     return subprocess.run([sys.executable, *args], cwd=cwd or REPOSITORY, env=environment, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+                          stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT, text=True, timeout=timeout)
 
 
 def tiny_config(**overrides) -> FFVTConfig:

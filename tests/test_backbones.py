@@ -7,10 +7,7 @@ token's embedding, so that MAWS would pick them if it could).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from conftest import digit_image, digits_of, hidden_package_script, write_digits
+from conftest import digit_image, digits_of, hidden_package_script, run_python, write_digits
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.loading import (
@@ -381,9 +378,7 @@ def test_onnx_export_of_a_register_model_keeps_the_picks(backbones, tmp_path):
 
 
 def train(environment, *args):
-    command = [sys.executable, str(REPO / "train_hf.py"), *map(str, args)]
-    run = subprocess.run(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, timeout=600)
+    run = run_python(REPO / "train_hf.py", *args, env=environment)
     assert run.returncode == 0, run.stdout[-5000:]
     return run
 
@@ -395,8 +390,7 @@ def test_train_hf_from_dinov2_and_clip_saves_their_normalisation(backbones, tmp_
     for label in range(3):
         write_digits(tmp_path / "data" / "train" / f"digit_{label}", digits_of(label, 4))
         write_digits(tmp_path / "data" / "validation" / f"digit_{label}", digits_of(label, 1, skip=4))
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    environment = {"HF_DATASETS_CACHE": str(tmp_path / "cache")}
     expected = {"dinov2_with_registers": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
                 "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
     outputs = {}
@@ -429,8 +423,8 @@ def test_train_hf_from_dinov2_and_clip_saves_their_normalisation(backbones, tmp_
         """
     )
     digit_image(1).save(tmp_path / "digit.png")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={**environment, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    result = run_python("-c", script, cwd=tmp_path, env={**environment, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+                        separate_stderr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     for kind, scores in outputs.items():
@@ -472,9 +466,8 @@ def test_remote_code_without_the_package_for_each_family(backbones, tmp_path):
         print(json.dumps(report))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-                                 "OMP_NUM_THREADS": "1"})
+    result = run_python("-c", script, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+                        separate_stderr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for kind in KINDS:

@@ -2,8 +2,6 @@
 
 import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, ViTConfig
 
-from conftest import FIXTURES, original_case
+from conftest import FIXTURES, original_case, run_python
 from conversion.convert_original_ffvt_to_hf import convert_original_checkpoint
 from conversion.convert_vit_npz_to_hf import convert_vit_npz
 from modeling_ffvt import FFVTForImageClassification
@@ -105,11 +103,9 @@ def test_saved_folders_load_with_their_image_processor(tmp_path):
 def test_original_checkpoint_cli_writes_a_loadable_folder(tmp_path):
     _, checkpoint, reference = original_case("fusion_small")
     out = tmp_path / "converted"
-    subprocess.run(
-        [sys.executable, "conversion/convert_original_ffvt_to_hf.py", "--checkpoint_path", str(checkpoint),
-         "--pytorch_dump_folder_path", str(out), "--num_attention_heads", "2", "--num_token", "26"],
-        check=True, capture_output=True,
-    )
+    run = run_python("conversion/convert_original_ffvt_to_hf.py", "--checkpoint_path", checkpoint,
+                     "--pytorch_dump_folder_path", out, "--num_attention_heads", "2", "--num_token", "26")
+    assert run.returncode == 0, run.stdout[-3000:]
     model = FFVTForImageClassification.from_pretrained(out).eval()
     with torch.no_grad():
         logits = model(reference["pixel_values"]).logits

@@ -1,9 +1,6 @@
 """ffvt-evaluate's accuracies and confused pairs, against a hand count over a folder of digits."""
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -12,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from conftest import digits_of, save_tiny_model, write_digits
+from conftest import digits_of, run_python, save_tiny_model, write_digits
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -105,8 +102,7 @@ def test_across_processes(model_folder, digits_folder):
     model, folder = model_folder
     command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "modeling_ffvt.evaluate_cli"]
     arguments = ["--model", str(folder), "--data_dir", str(digits_folder), "--batch_size", "3", "--json"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *command, *arguments], capture_output=True, text=True, env=env)
+    result = run_python(*command, *arguments, env={"ACCELERATE_USE_CPU": "1"}, separate_stderr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     check_report(json.loads(result.stdout), model, digits_folder)
 

@@ -1,8 +1,5 @@
 """The exported ONNX graph gives PyTorch's logits and picks at any batch size."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +8,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from conftest import digit_image, randomized, tiny_config  # noqa: E402
+from conftest import digit_image, randomized, run_python, tiny_config  # noqa: E402
 from modeling_ffvt import FFVTForImageClassification  # noqa: E402
 from modeling_ffvt.export_onnx import export_onnx, main, verify_onnx  # noqa: E402
 from modeling_ffvt.image_processor import make_image_processor  # noqa: E402
@@ -82,11 +79,8 @@ def test_the_command_prints_only_its_result(tmp_path):
     """torch's exporter warns about torchvision's operators and its own pytree API; neither concerns this model."""
     pytest.importorskip("onnxscript")
     FFVTForImageClassification(tiny_config()).save_pretrained(tmp_path / "model")
-    run = subprocess.run(
-        [sys.executable, "-m", "modeling_ffvt.export_onnx", "--model", str(tmp_path / "model"), "--output",
-         str(tmp_path / "model.onnx")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    run = run_python("-m", "modeling_ffvt.export_onnx", "--model", tmp_path / "model", "--output",
+                     tmp_path / "model.onnx", separate_stderr=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"wrote {tmp_path / 'model.onnx'}")
     for noise in ("torchvision", "Warning", "Loading weights"):

@@ -1,10 +1,8 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_python
 from modeling_ffvt.evaluation import FGVC_ACCURACY_PATH, load_fgvc_accuracy
 
 EVALUATION_FILE = Path(__file__).resolve().parents[1] / "modeling_ffvt" / "evaluation.py"
@@ -65,12 +63,7 @@ def test_loads_offline_from_the_package_folder(tmp_path):
         "spec.loader.exec_module(evaluation)\n"
         "print(evaluation.load_fgvc_accuracy().compute(predictions=[[1, 0], [0, 1]], references=[1, 1]))\n"
     )
-    offline = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),  # an empty cache: the module must come from the package folder
-    }
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=offline, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    # An empty cache: the module must come from the package folder.
+    done = run_python("-c", code, env={"HF_HOME": str(tmp_path / "hf_home")}, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout
     assert "'accuracy': 0.5" in done.stdout and "'top5_accuracy': 1.0" in done.stdout

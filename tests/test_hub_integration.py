@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
-from conftest import FIXTURES, digit_image, hidden_package_script, save_tiny_model
+from conftest import FIXTURES, digit_image, hidden_package_script, run_python, save_tiny_model
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification, FFVTModel
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -89,8 +87,8 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
                            "started_grid": started.config.grid_size}}))
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = run_python("-c", script, env={"HF_MODULES_CACHE": str(tmp_path / "modules")}, cwd=tmp_path,
+                        separate_stderr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["model"] == "FFVTForImageClassification" and report["base"] == "FFVTModel"
@@ -102,9 +100,14 @@ def test_remote_code_and_pipeline_without_the_package(saved_folder, tmp_path):
 
 
 def test_pipeline_with_the_package(saved_folder):
-    _, folder = saved_folder
+    """pipeline's top 2 are the model's two most probable classes, under their names, with the model's softmax."""
+    model, folder = saved_folder
     classifier = pipeline("image-classification", model=str(folder))
     grey = digit_image(5)  # pipeline converts modes itself
     predictions = classifier(grey, top_k=2)
-    assert len(predictions) == 2 and predictions[0]["label"].startswith("digit_")
-    assert predictions[0]["score"] >= predictions[1]["score"]
+    with torch.no_grad():
+        pixel_values = make_image_processor(32, 36)(grey.convert("RGB"), return_tensors="pt").pixel_values
+        probabilities = model(pixel_values).logits.softmax(-1)[0]
+    best = probabilities.topk(2)
+    assert [p["label"] for p in predictions] == [f"digit_{index}" for index in best.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([p["score"] for p in predictions]), best.values, atol=1e-5, rtol=0)

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers.image_utils import load_image
 
-from conftest import digit_image, digits_of, save_tiny_model, write_digits
+from conftest import digit_image, digits_of, run_python, save_tiny_model, write_digits
 from modeling_ffvt.data import load_rgb
 from modeling_ffvt.evaluate_cli import main as evaluate_main
 from modeling_ffvt.inputs import check_model_name, is_hidden, read_image_folder, scan_images
@@ -252,8 +250,9 @@ def test_exif_orientation_is_applied_as_viewers_and_pipeline_do(tmp_path, orient
 
 
 def test_exif_orientation_of_a_phone_jpeg_reaches_predict(model_folder, tmp_path, capsys):
-    from modeling_ffvt.predict import main as predict_main
     from transformers import pipeline
+
+    from modeling_ffvt.predict import main as predict_main
 
     stored = np.zeros((40, 60, 3), np.uint8)
     stored[:, :20] = (200, 30, 30)
@@ -305,8 +304,7 @@ for module, extra in {COMMANDS!r}.items():
             messages[module + " " + model] = exit.code
 print(json.dumps(messages))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    run = run_python("-c", script, cwd=tmp_path, separate_stderr=True)
     assert run.returncode == 0, run.stderr[-3000:]
     messages = json.loads(run.stdout.strip().splitlines()[-1])
     for module in COMMANDS:

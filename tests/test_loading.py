@@ -12,13 +12,7 @@ from transformers import ViTConfig, ViTModel
 from conftest import original_case, tiny_config
 from conversion.convert_original_ffvt_to_hf import convert_original_checkpoint
 from modeling_ffvt import FFVTForImageClassification
-from modeling_ffvt.loading import (
-    GOOGLE_NPZ,
-    HUB_VIT,
-    ORIGINAL_FFVT,
-    read_state_dict,
-    resize_position_embeddings,
-)
+from modeling_ffvt.loading import GOOGLE_NPZ, HUB_VIT, ORIGINAL_FFVT, read_state_dict, resize_position_embeddings
 
 
 def templates(names) -> set[str]:

@@ -1,5 +1,6 @@
 """Behaviour of the model beyond parity with the original: MAWS, attention backends, sizes, errors, training aids."""
 
+import copy
 import json
 
 import pytest
@@ -194,19 +195,24 @@ def test_torch_compile_fullgraph(tiny_model, training):
     expected = tiny_model(pixel_values, labels=labels)
     torch.manual_seed(0)
     output = compiled(pixel_values, labels=labels)
-    if training:
-        output.loss.backward()
-        assert tiny_model.vit.embeddings.cls_token.grad is not None
-    else:
-        torch.testing.assert_close(output.logits, expected.logits)
-        assert all(torch.equal(a, b) for a, b in zip(output.selected_token_indices, expected.selected_token_indices))
+    torch.testing.assert_close(output.logits, expected.logits)
+    assert all(torch.equal(a, b) for a, b in zip(output.selected_token_indices, expected.selected_token_indices))
+    if training:  # the same dropout masks (same seed), so the compiled backward gives eager's gradients
+        eager_gradients = torch.autograd.grad(expected.loss, list(tiny_model.parameters()))
+        compiled_gradients = torch.autograd.grad(output.loss, list(tiny_model.parameters()))
+        for eager, compiled in zip(eager_gradients, compiled_gradients):
+            torch.testing.assert_close(compiled, eager)
 
 
 def test_bfloat16_forward_runs_on_cpu(tiny_model):
-    model = tiny_model.to(torch.bfloat16)
+    """A bfloat16 copy gives the float32 model's logits to bfloat16's precision (8 bits of mantissa, 12 layers of
+    rounding: a few hundredths on logits of size ~1)."""
+    pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        output = model(torch.randn(2, 3, 32, 32))
-    assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.logits.float()).all()
+        expected = tiny_model(pixel_values).logits
+        output = copy.deepcopy(tiny_model).to(torch.bfloat16)(pixel_values.to(torch.bfloat16))
+    assert output.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(output.logits.float(), expected, atol=0.1, rtol=0.05)
 
 
 def test_base_model_output(tiny_model):

@@ -1,6 +1,7 @@
 """ffvt-predict prints the model's softmax over the saved processor's output, as a table or JSON."""
 
 import json
+
 import numpy as np
 import pytest
 import torch

@@ -1,13 +1,13 @@
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import run_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "prepare_datasets.py"
 spec = importlib.util.spec_from_file_location("prepare_datasets", SCRIPT)
@@ -184,10 +184,10 @@ def test_non_empty_output_needs_overwrite(tmp_path):
 def test_command_line(tmp_path):
     source, output = tmp_path / "source", tmp_path / "out"
     make_dogs(source)
-    command = [sys.executable, str(SCRIPT), "dogs", "--data_root", str(source), "--output_dir", str(output)]
-    failed = subprocess.run(command, capture_output=True, text=True)
+    command = [SCRIPT, "dogs", "--data_root", source, "--output_dir", output]
+    failed = run_python(*command, separate_stderr=True)
     assert failed.returncode != 0 and "classes: expected 120, found 2" in failed.stderr
-    done = subprocess.run(command + ["--no_check_counts"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = run_python(*command, "--no_check_counts")
+    assert done.returncode == 0, done.stdout
     assert "2 train and 2 test images in 2 classes" in done.stdout
     assert (output / "test" / "002.n02085782-Japanese_spaniel" / "n02085782_2.png").is_symlink()

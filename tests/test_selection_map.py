@@ -139,6 +139,11 @@ def test_selection_map_draws_the_models_picks(processor, grid_size):
 
 
 def test_selection_map_of_a_digit_in_another_mode():
+    """A grey image is drawn and scored as its RGB copy is."""
     model = randomized(FFVTForImageClassification(tiny_config()))
-    picture, outputs = selection_map(model, make_image_processor(32, 36), digit_image(3))
-    assert picture.mode == "RGB" and outputs.logits.shape == (1, 5)
+    processor = make_image_processor(32, 36)
+    picture, outputs = selection_map(model, processor, digit_image(3))
+    rgb_picture, rgb_outputs = selection_map(model, processor, digit_image(3).convert("RGB"))
+    assert picture.mode == "RGB" and np.array_equal(np.asarray(picture), np.asarray(rgb_picture))
+    torch.testing.assert_close(outputs.logits, rgb_outputs.logits, rtol=0, atol=0)
+    assert all(map(torch.equal, outputs.selected_token_indices, rgb_outputs.selected_token_indices))

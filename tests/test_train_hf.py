@@ -8,8 +8,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
-from conftest import FIXTURES, digits_of, randomized, tiny_config, write_digits
+from conftest import FIXTURES, digits_of, randomized, run_python, tiny_config, write_digits
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.data import FGVCTransform, ProcessorTransform
 from modeling_ffvt.image_processor import make_image_processor
@@ -45,16 +43,7 @@ def environment(tmp_path_factory):
 
 def train(environment, *args, processes=1):
     """Runs train_hf.py with `args` (str() of each) and returns the finished process, output in .stdout."""
-    args = [str(arg) for arg in args]
-    if processes == 1:
-        command = [sys.executable, str(REPO / "train_hf.py"), *args]
-    else:
-        # `accelerate launch --cpu --num_processes 2` starts one process; this form starts two.
-        command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--multi_gpu",
-                   "--main_process_port", "0", "--num_processes", str(processes), str(REPO / "train_hf.py"), *args]
-        environment = {**environment, "ACCELERATE_USE_CPU": "true"}
-    return subprocess.run(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=600)
+    return run_python(REPO / "train_hf.py", *args, env=environment, processes=processes)
 
 
 def stopped(environment, *args):
@@ -277,8 +266,7 @@ def test_model_card_snippets_run_as_written(environment, tmp_path):
     assert len(snippets) == 2
     shutil.copy(next((output_dir / "demo_data" / "validation" / "3").glob("*.png")), tmp_path / "image.jpg")
     for snippet in snippets:
-        run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=environment, capture_output=True,
-                             text=True, timeout=300)
+        run = run_python("-c", snippet, cwd=tmp_path, env=environment, separate_stderr=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() in {str(i) for i in range(10)}  # the second snippet prints a class name
 
@@ -434,10 +422,14 @@ def test_an_ffvt_head_is_kept_only_for_the_same_classes(tmp_path, names):
         load_model(model_args(model_name_or_path=str(tmp_path), image_size=64), names, [0])
 
 
-def test_evaluation_uses_the_saved_processor():
-    """With 39 -> 32 the centre crop starts at 3.5, where torchvision would round to 4: both here floor to 3."""
-    image = random_rgb(0, size=50)
-    processor = make_image_processor(32, 39)
-    expected = processor(image, return_tensors="pt")["pixel_values"][0]
-    assert torch.equal(ProcessorTransform(processor)(image), expected)
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_evaluation_transforms_are_the_originals_test_transform(mode):
+    """The saved processor (through ProcessorTransform) and FGVCTransform both compute the original's test transform,
+    written out by hand: bilinear resize to 39 x 39, centre crop 32 (the offset 3.5 floored to 3, where torchvision
+    would round to 4), scale to [0, 1], ImageNet normalisation."""
+    image = random_rgb(0, size=50).convert(mode)
+    crop = np.asarray(image.convert("RGB").resize((39, 39), Image.BILINEAR).crop((3, 3, 35, 35)), dtype=np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    expected = torch.from_numpy(((crop / 255 - mean) / std).transpose(2, 0, 1))
+    torch.testing.assert_close(ProcessorTransform(make_image_processor(32, 39))(image), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(FGVCTransform("plain", 32, 39, train=False)(image), expected, atol=1e-5, rtol=0)

@@ -46,11 +46,16 @@ def test_the_usage_example_trains_and_evaluates(tmp_path):
     exec(example, namespace)
 
     metrics, trainer = namespace["metrics"], namespace["trainer"]
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
     assert trainer.state.global_step == 2 * 5  # 40 images, batches of 8, 2 epochs
     # The predictions reaching compute_metrics are the logits alone, while the model still returns its picks.
     prediction = trainer.predict(namespace["dataset"]["test"])
     assert isinstance(prediction.predictions, np.ndarray) and prediction.predictions.shape == (20, 10)
+    # The reported metrics are the test images' accuracy and mean cross-entropy, recomputed here from the logits.
+    labels = np.array(namespace["dataset"]["test"].with_format(None)["label"])
+    assert prediction.label_ids.tolist() == labels.tolist()
+    assert metrics["eval_accuracy"] == pytest.approx(np.mean(prediction.predictions.argmax(-1) == labels))
+    expected_loss = torch.nn.functional.cross_entropy(torch.from_numpy(prediction.predictions), torch.from_numpy(labels))
+    assert metrics["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
     model = namespace["model"].eval()
     batch = namespace["dataset"]["test"][:2]
     with torch.no_grad():
