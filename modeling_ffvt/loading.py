@@ -141,26 +141,31 @@ def resize_position_embeddings(position_embeddings: torch.Tensor, grid_size: tup
 
 
 def resize_position_embeddings_bicubic(
-    position_embeddings: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False
+    position_embeddings: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False, dtype=torch.float32
 ) -> torch.Tensor:
     """
-    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g grid to `grid_size` as `Dinov2Model` and
-    `CLIPVisionModel` do at run time with `interpolate_pos_encoding=True`: the CLS entry kept, the grid resized
-    bicubically in float32, corners not aligned, antialiased only with `antialias` (as `Dinov2WithRegistersModel`
+    Resizes (1, 1 + g*g, hidden) position embeddings of a square g x g grid to `grid_size` as `Dinov2Model` does at
+    run time with `interpolate_pos_encoding=True`: the CLS entry kept, the grid resized bicubically in `dtype`
+    (float32, as DINOv2 casts), corners not aligned, antialiased only with `antialias` (as `Dinov2WithRegistersModel`
     does). Unchanged at the same grid, as theirs.
 
     Raises:
         ValueError: the grid is not square.
     """
-    return _resize_grid(
-        position_embeddings, grid_size, torch.float32, mode="bicubic", align_corners=False, antialias=antialias
-    )
+    return _resize_grid(position_embeddings, grid_size, dtype, mode="bicubic", align_corners=False, antialias=antialias)
 
 
 def _resize_position_embeddings_antialiased(
     position_embeddings: torch.Tensor, grid_size: tuple[int, int]
 ) -> torch.Tensor:
     return resize_position_embeddings_bicubic(position_embeddings, grid_size, antialias=True)
+
+
+def _resize_position_embeddings_in_own_dtype(
+    position_embeddings: torch.Tensor, grid_size: tuple[int, int]
+) -> torch.Tensor:
+    """`CLIPVisionModel`'s resizing: bicubic as DINOv2's, in the table's own dtype (CLIP does not cast to float32)."""
+    return resize_position_embeddings_bicubic(position_embeddings, grid_size, dtype=position_embeddings.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,7 +334,7 @@ CLIP = CheckpointFamily(
         "vit.layernorm.weight": "vision_model.post_layernorm.weight",
         "vit.layernorm.bias": "vision_model.post_layernorm.bias",
     },
-    resize_positions=resize_position_embeddings_bicubic,
+    resize_positions=_resize_position_embeddings_in_own_dtype,
     image_mean=tuple(OPENAI_CLIP_MEAN),
     image_std=tuple(OPENAI_CLIP_STD),
 )

@@ -6,6 +6,7 @@ parameter randomised, layer scales and registers included, so that each one matt
 token's embedding, so that MAWS would pick them if it could).
 """
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -243,6 +244,17 @@ def test_position_embeddings_are_stored_resized_the_backbones_way(backbones, kin
         native.position_embeddings, (12, 12), antialias=kind != "dinov2_with_registers"
     )
     assert not torch.allclose(other_way, expected)
+
+
+@pytest.mark.parametrize("kind, family", [("dinov2", DINOV2), ("dinov2_with_registers", DINOV2_WITH_REGISTERS),
+                                          ("clip_vision", CLIP)])
+def test_half_precision_tables_resize_as_the_backbone_does(backbones, kind, family):
+    """In bfloat16, DINOv2 resizes in float32 and CLIP in bfloat16 itself: each family's resizer matches its backbone."""
+    embeddings = copy.deepcopy(getattr(backbones[kind][1], "vision_model", backbones[kind][1]).embeddings)
+    embeddings.to(torch.bfloat16)
+    table = embeddings.position_embedding.weight[None] if kind == "clip_vision" else embeddings.position_embeddings
+    expected = embeddings.interpolate_pos_encoding(torch.zeros(1, 1 + 12 * 12, SIZES["hidden_size"]), 48, 48)
+    torch.testing.assert_close(family.resize_positions(table.detach(), (12, 12)), expected, rtol=0, atol=0)
 
 
 def test_each_family_table_names_exactly_what_its_ffvt_loads():
