@@ -372,7 +372,7 @@ def load_model(args, names, labels):
             return FFVTForImageClassification.from_vit_pretrained(
                 args.vit_npz or args.model_name_or_path, **head, **architecture
             )
-        except ValueError as error:
+        except (OSError, ValueError) as error:  # OSError: a folder or Hub id without weights
             raise SystemExit(str(error)) from None
     if start is None:
         if args.config_name.lstrip().startswith("{"):
