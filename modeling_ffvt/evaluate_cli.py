@@ -143,7 +143,8 @@ def main(argv=None):
     bad = broadcast_object_list([bad])[0]
     if bad:
         raise SystemExit(
-            f"{len(bad)} unreadable images in the {split_name} split of {args.data_dir or args.dataset_name}:\n  "
+            f"{len(bad)} unreadable image{'s' * (len(bad) > 1)} in the {split_name} split of "
+            f"{args.data_dir or args.dataset_name}:\n  "
             + "\n  ".join(bad)
             + "\nFix or remove them: an accuracy without them would not be the split's."
         )
