@@ -272,20 +272,27 @@ def load_splits(args):
     return splits
 
 
-def find_unreadable_rows(split, column):
-    """(row, path, reason) for every image of the split that load_rgb rejects; embedded images without a path are
-    named by their row."""
+def find_unreadable_rows(split, column, target_size=None):
+    """(row, path, reason) for every image of the split that load_rgb rejects (decoding for `target_size`, as
+    training will); embedded images without a path are named by their row."""
     entries = split[column]
     names = [entry["path"] or f"<row {row}>" for row, entry in enumerate(entries)]
-    reasons = dict(find_unreadable_images({**entry, "path": name} for entry, name in zip(entries, names)))
+    named = ({**entry, "path": name} for entry, name in zip(entries, names))
+    reasons = dict(find_unreadable_images(named, target_size=target_size))
     return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
 
 
 def drop_unreadable_images(splits, args, accelerator):
     """Decode every image once before training: stop naming the bad ones, or drop them with --skip_bad_images."""
+    # Decoded for the size training resizes to, when the flags already say it; at full size otherwise, which rejects
+    # whatever a reduced decode would.
+    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
+    target_size = (resize, resize) if resize else None
     found = None
     if accelerator.is_main_process:  # one process decodes; the others learn the result
-        found = {name: find_unreadable_rows(split, args.image_column_name) for name, split in splits.items()}
+        found = {
+            name: find_unreadable_rows(split, args.image_column_name, target_size) for name, split in splits.items()
+        }
     found = broadcast_object_list([found])[0]
     bad = [f"  {name}: {path} ({reason})" for name, rows in found.items() for _, path, reason in rows]
     if bad and not args.skip_bad_images:
@@ -365,7 +372,7 @@ def load_model(args, names, labels):
             return FFVTForImageClassification.from_vit_pretrained(
                 args.vit_npz or args.model_name_or_path, **head, **architecture
             )
-        except ValueError as error:
+        except (OSError, ValueError) as error:  # OSError: a folder or Hub id without weights
             raise SystemExit(str(error)) from None
     if start is None:
         if args.config_name.lstrip().startswith("{"):

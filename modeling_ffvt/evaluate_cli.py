@@ -16,9 +16,10 @@ from collections import Counter
 
 import datasets
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
+from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError, find_unreadable_images
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
     ids_out_of_range_message,
@@ -72,6 +73,19 @@ def load_split(args) -> tuple[datasets.Dataset, str]:
     return split.cast_column(args.image_column_name, datasets.Image(decode=False)), split_name
 
 
+def unreadable_images(split, image_column, split_name, target_size) -> list[str]:
+    """"NAME (reason)" of every image of the split that cannot be read as evaluation will read it (`load_rgb` with
+    `target_size`): a file by its path, an embedded image as "SPLIT row N (its recorded file name)"."""
+    entries = split[image_column]
+    names = [
+        entry["path"] if entry.get("bytes") is None else f"{split_name} row {row} ({entry['path'] or 'no file name'})"
+        for row, entry in enumerate(entries)
+    ]
+    named = [{**entry, "path": name} for entry, name in zip(entries, names)]
+    found = find_unreadable_images(named, target_size=target_size)
+    return [f"{name} ({reason})" for name, reason in found]
+
+
 def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
     """The model's class id of every row: class names (strings or ClassLabel) matched to the model's id2label by
     name, integers taken as the model's ids. Raises SystemExit listing unknown names or out-of-range ids."""
@@ -122,7 +136,19 @@ def main(argv=None):
     class_ids = model_class_ids(
         split, args.label_column_name, model.config, args.data_dir or args.dataset_name, args.model
     )
-    images = ImageClassificationDataset(split, args.image_column_name, class_ids, ProcessorTransform(processor))
+    transform = ProcessorTransform(processor)
+    bad = None
+    if accelerator.is_main_process:  # one process decodes every image; the others learn the result
+        bad = unreadable_images(split, args.image_column_name, split_name, transform.target_size)
+    bad = broadcast_object_list([bad])[0]
+    if bad:
+        raise SystemExit(
+            f"{len(bad)} unreadable image{'s' * (len(bad) > 1)} in the {split_name} split of "
+            f"{args.data_dir or args.dataset_name}:\n  "
+            + "\n  ".join(bad)
+            + "\nFix or remove them: an accuracy without them would not be the split's."
+        )
+    images = ImageClassificationDataset(split, args.image_column_name, class_ids, transform)
     # Evaluation mode: the model is only placed and given mixed precision, not wrapped for gradient syncing.
     model = accelerator.prepare_model(model.eval(), evaluation_mode=True)
     dataloader = accelerator.prepare(DataLoader(images, batch_size=args.batch_size))

@@ -332,15 +332,35 @@ def quiet_progress_bars():
 
 def load_classifier(name: str, flag: str = "--model", with_processor: bool = True, **from_pretrained_kwargs):
     """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or SystemExit
-    saying why they cannot be loaded."""
+    saying why they cannot be loaded, or that the folder holds no trained head (see `untrained_head_error`)."""
     check_model_name(name, flag)
     try:
         with quiet_progress_bars():
-            model = AutoModelForImageClassification.from_pretrained(name, **from_pretrained_kwargs)
+            model, loading_info = AutoModelForImageClassification.from_pretrained(
+                name, output_loading_info=True, **from_pretrained_kwargs
+            )
         processor = load_image_processor(name) if with_processor else None
     except (OSError, ValueError) as error:
         raise model_load_error(name, error, flag) from None
+    if error := untrained_head_error(model, loading_info["missing_keys"], name, flag):
+        raise error
     return model, processor
+
+
+def untrained_head_error(model, missing_keys, name: str, flag: str = "--model") -> SystemExit | None:
+    """SystemExit for a classifier whose weights outside its base model (the head) were not in its folder, and so
+    start random: a backbone such as a ViTModel saved with its processor loads as a classifier, and would classify
+    at random without a word. None when the head was loaded."""
+    prefix = model.base_model_prefix + "."
+    head = sorted(key for key in missing_keys if not key.startswith(prefix))
+    if not head:
+        return None
+    return SystemExit(
+        f"{flag} {name} holds no trained classification head ({', '.join(head[:4])} are not in its weights), so its "
+        f"predictions would come from a random head: it holds a {model.config.model_type} backbone, not a trained "
+        f"classifier. Train one from it first: python train_hf.py --model_name_or_path {name} --train_dir "
+        f"YOUR_IMAGES --output_dir OUT, then give {flag} OUT."
+    )
 
 
 def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False):

@@ -38,7 +38,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.utils import cached_file
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    cached_file,
+)
 
 from .configuration_ffvt import FFVTConfig
 
@@ -81,23 +87,57 @@ def read_state_dict(path: str | os.PathLike, expected: str) -> dict[str, torch.T
 
 def read_checkpoint(pretrained_model_name_or_path: str, expected: str, **hub_kwargs) -> dict[str, torch.Tensor]:
     """
-    The weights of a Hub id or local folder: `model.safetensors`, or else `pytorch_model.bin`. `hub_kwargs`
-    (`revision`, `token`, `cache_dir`, ...) go to `transformers.utils.cached_file`.
+    The weights of a Hub id or local folder, in whichever layout `save_pretrained` wrote them, tried in the order
+    `from_pretrained` tries them: `model.safetensors`; `model.safetensors.index.json` and the shards its weight map
+    names; `pytorch_model.bin`; `pytorch_model.bin.index.json` and its shards (`.bin` files read as
+    [`read_state_dict`] reads them, never unpickling code). From the Hub, the index is fetched first, then its shards.
+    `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) go to `transformers.utils.cached_file`.
 
     Raises:
-        OSError: neither file is there.
-        ValueError: as [`read_state_dict`].
+        OSError: none of these files is there, or a shard an index names is missing; the message names the folder or
+            Hub id.
+        ValueError: a file cannot be read (as [`read_state_dict`]), or an index is not a weight map of its shards.
     """
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        path = cached_file(
-            pretrained_model_name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
+    source = os.fspath(pretrained_model_name_or_path)
+    layouts = ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
+    for single, index in layouts:
+        path = cached_file(source, single, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if path is not None:
             return read_state_dict(path, expected)
+        path = cached_file(source, index, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is not None:
+            return _read_shards(source, path, expected, hub_kwargs)
+    names = ", ".join(name for layout in layouts for name in layout)
     raise OSError(
-        f"{pretrained_model_name_or_path} holds neither model.safetensors nor pytorch_model.bin: point to a folder or "
-        f"Hub repository saved with save_pretrained, holding {expected}."
+        f"{source} holds no model weights (none of {names}): point to a folder or Hub repository saved with "
+        f"save_pretrained, holding {expected}."
     )
+
+
+def _read_shards(source: str, index_path: str, expected: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    """The tensors of every shard the weight map of the index file `index_path` (of `source`) names."""
+    try:
+        weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{index_path} is not a shard index (JSON with a 'weight_map' of tensor names to shard files) "
+            f"({type(error).__name__}: {error}): expected the index of {expected}."
+        ) from error
+    shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else [None]
+    if not all(isinstance(shard, str) and shard and Path(shard).name == shard for shard in shards):
+        raise ValueError(f"{index_path}: its 'weight_map' must map tensor names to file names beside it.")
+    tensors = {}
+    for shard in shards:
+        path = cached_file(source, shard, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is None:
+            raise OSError(
+                f"{source} lacks {shard}, a shard its {Path(index_path).name} names: copy or download every shard "
+                "save_pretrained wrote."
+            )
+        tensors.update(read_state_dict(path, expected))
+    if missing := sorted(set(weight_map) - set(tensors)):
+        raise ValueError(f"The shards of {source} lack tensors its {Path(index_path).name} lists, e.g. {missing[:5]}.")
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -464,11 +504,12 @@ def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs
     A backbone FFVT starts from: one of Google's `.npz` files (a path ending in `.npz`; the number of heads is read
     from its query kernels), or else a Hub id or local folder whose `config.json` names one of the
     `BACKBONE_FAMILIES` by its `model_type` (ViT, DINOv2, DINOv2 with registers, CLIP or CLIP's vision tower) and
-    whose weights are in the Hub layout. The number of heads, the activation and, but for ViT (whose FFVT keeps the
-    original's 1e-6), the LayerNorm epsilon and layer scale come from that config. Image classifiers
+    whose weights are in the Hub layout, in any of the files [`read_checkpoint`] reads (one file or shards,
+    safetensors or .bin). The number of heads, the activation and, but for ViT (whose FFVT keeps the original's
+    1e-6), the LayerNorm epsilon and layer scale come from that config. Image classifiers
     (`ViTForImageClassification`, `Dinov2ForImageClassification`, ...) are read without their base model's prefix;
-    a `CLIPVisionModel` saved by transformers >= 5.4, which drops the Hub's `vision_model.` prefix, is read as well. `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) apply to the
-    Hub.
+    a `CLIPVisionModel` saved by transformers >= 5.4, which drops the Hub's `vision_model.` prefix, is read as well.
+    `hub_kwargs` (`revision`, `token`, `cache_dir`, ...) apply to the Hub.
 
     Raises:
         OSError: the folder or Hub id holds no config or no weights.

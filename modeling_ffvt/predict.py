@@ -17,7 +17,8 @@ from PIL import Image
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import patch_grid
-from .data import find_unreadable_images, load_rgb
+from .data import find_unreadable_images, load_rgb, processor_target_size
+from .image_processor import load_image_processor
 from .inputs import IMAGE_EXTENSIONS, load_classifier, scan_images, skipped_note
 from .selection_map import draw_selection_map, model_input_image
 
@@ -44,9 +45,9 @@ def parse_args(argv=None):
     return args
 
 
-def find_images(paths) -> list[Path]:
+def find_images(paths, target_size=None) -> list[Path]:
     """The image files among `paths` (files as given, folders searched recursively by extension, hidden and system
-    files left out), in order.
+    files left out), in order. Each is decoded once, as for `target_size` (`load_rgb`'s).
 
     Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image; prints
     to standard error how many hidden or system entries were skipped, when any were.
@@ -64,7 +65,8 @@ def find_images(paths) -> list[Path]:
         else:
             problems.append(f"{path}: no such file or folder")
     files = list(dict.fromkeys(files))
-    problems += [f"{path}: not a readable image ({reason})" for path, reason in find_unreadable_images(files)]
+    unreadable = find_unreadable_images(files, target_size=target_size)
+    problems += [f"{path}: not a readable image ({reason})" for path, reason in unreadable]
     if problems:
         raise SystemExit("cannot use these inputs:\n  " + "\n  ".join(problems))
     note = skipped_note(skipped, ", ".join(str(path) for path in paths if Path(path).is_dir()))
@@ -93,7 +95,8 @@ def predict(model, processor, files, top_k=5, batch_size=8, selection_maps=None)
     id2label = model.config.id2label
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]
-        pixel_values = processor([load_rgb(file) for file in batch], return_tensors="pt")["pixel_values"]
+        images = [load_rgb(file, processor_target_size(processor)) for file in batch]
+        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
         outputs = model(pixel_values=pixel_values.to(model.device))
         top = outputs.logits.float().softmax(-1).topk(min(top_k, outputs.logits.shape[-1]))
         for row, file in enumerate(batch):
@@ -130,10 +133,19 @@ def print_table(results):
             print(f"selection map of {result['file']}: {result['selection_map']}")
 
 
+def input_size(model_name):
+    """The size the model's saved processor resizes images to, so that the inputs are checked as they will be read;
+    None when it cannot be loaded (the model's own loading then says why, after the inputs are checked)."""
+    try:
+        return processor_target_size(load_image_processor(model_name))
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    files = find_images(args.images)
+    files = find_images(args.images, input_size(args.model))
     model, processor = load_classifier(args.model)
     model = model.to(device).eval()
     maps = None

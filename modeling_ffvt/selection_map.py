@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .configuration_ffvt import _pair, patch_grid
-from .data import load_rgb
+from .data import load_rgb, processor_target_size
 
 OUTLINE_COLOR = (255, 0, 0)
 BACKGROUND = (255, 255, 255)
@@ -216,7 +216,7 @@ def selection_map(model, processor, image, **draw_kwargs) -> tuple[Image.Image, 
 
     Returns the picture (see `draw_selection_map`, which receives `draw_kwargs`) and the model's outputs.
     """
-    pixel_values = processor(load_rgb(image), return_tensors="pt")["pixel_values"]
+    pixel_values = processor(load_rgb(image, processor_target_size(processor)), return_tensors="pt")["pixel_values"]
     height, width = pixel_values.shape[-2:]
     config = model.config
     outputs = model(
