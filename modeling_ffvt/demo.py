@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .inputs import load_classifier, scan_images
+from .inputs import check_model_name, load_classifier, scan_images
 from .predict import predict
 from .selection_map import selection_map
 
@@ -139,20 +139,17 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     """Write a Gradio Space into `folder`: app.py, requirements.txt, a README.md whose YAML header the Hub reads,
     this package's code, and the model itself when `model_name` is a local folder (a Hub id is loaded by the Space).
 
-    Raises FileExistsError for a folder that holds files, ValueError for a bad examples folder, OSError for a
-    `model_name` that is neither a folder nor a Hub id.
+    Raises FileExistsError for a folder that holds files, ValueError for a bad examples folder, SystemExit (from
+    `inputs.check_model_name`) for a `model_name` that is neither a folder nor a Hub id.
     """
     from huggingface_hub import SpaceCard, SpaceCardData
-
-    from .inputs import looks_like_hub_id
 
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"--write_space {folder} exists and is not empty: give a new or empty folder.")
     images = example_images(examples) if examples is not None else []
+    check_model_name(model_name)
     local = Path(model_name).is_dir()
-    if not local and not looks_like_hub_id(model_name):
-        raise OSError(f"--model {model_name}: there is no folder of that name, nor can it be a Hub id (owner/name).")
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PACKAGE, folder / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
     if local:
