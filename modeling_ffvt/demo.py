@@ -108,8 +108,9 @@ def build_demo(model, processor, examples=(), title: str = "FFVT"):
                     gr.Examples([[str(path)] for path in examples], inputs=image)
             with gr.Column():
                 labels = gr.Label(num_top_classes=TOP_K, label="classes", elem_id="ffvt-labels")
+                # No label: its badge would cover the panel titles at the top of the picture.
                 picks = gr.Image(
-                    type="pil", format="png", label="MAWS selection map", visible=fusion, elem_id="ffvt-selection-map"
+                    type="pil", format="png", show_label=False, visible=fusion, elem_id="ffvt-selection-map"
                 )
         button.click(run, inputs=image, outputs=[labels, picks])
     return demo

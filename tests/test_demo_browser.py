@@ -19,9 +19,10 @@ import pytest
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from conftest import digits_of, python_environment, run_python, save_tiny_model, write_digits
+from conftest import digits_of, python_environment, save_tiny_model, write_digits
 from modeling_ffvt.evaluate_cli import main as evaluate
 from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.predict import main as predict
 from modeling_ffvt.selection_map import selection_map
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -91,14 +92,13 @@ def screenshot(driver, name):
         driver.save_screenshot(str(Path(folder, name)))
 
 
-def test_demo_in_a_browser(browser, tmp_path):
+def test_demo_in_a_browser(browser, tmp_path, capsys):
     model_folder = tmp_path / "model"
     model = save_tiny_model(model_folder, CLASSES, seed=4)
     image, = write_digits(tmp_path / "upload", digits_of(7, 1), size=64)
     examples = write_digits(tmp_path / "examples", [digits_of(digit, 1)[0] for digit in (1, 3)], size=64)
-    predicted = run_python("-m", "modeling_ffvt.predict", image, "--model", model_folder, "--json")
-    assert predicted.returncode == 0, predicted.stdout[-3000:]
-    predictions = json.loads(predicted.stdout[predicted.stdout.index("["):])[0]["predictions"]
+    predict(["--model", str(model_folder), str(image), "--json"])
+    predictions = json.loads(capsys.readouterr().out)[0]["predictions"]
     expected_map, _ = selection_map(model, make_image_processor(32, 36), image)
 
     port = free_port()
