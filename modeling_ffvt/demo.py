@@ -140,11 +140,12 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     """Write a Gradio Space into `folder`: app.py, requirements.txt, a README.md whose YAML header the Hub reads,
     this package's code, and the model itself when `model_name` is a local folder (a Hub id is loaded by the Space).
 
-    Raises FileExistsError for a folder that holds files, ValueError for a bad examples folder, SystemExit (from
+    Raises MissingGradioError without Gradio, FileExistsError for a folder that holds files, ValueError for a bad examples folder, SystemExit (from
     `inputs.check_model_name`) for a `model_name` that is neither a folder nor a Hub id.
     """
     from huggingface_hub import SpaceCard, SpaceCardData
 
+    gradio = _gradio()  # its version goes into the README's header
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"--write_space {folder} exists and is not empty: give a new or empty folder.")
@@ -167,7 +168,6 @@ def write_space(folder, model_name: str, examples=None) -> Path:
         "demo.launch()\n"
     )
     (folder / "requirements.txt").write_text("\n".join(_requirements()) + "\n")
-    gradio = _gradio()
     card_data = SpaceCardData(
         title=f"FFVT {Path(model_name).name}"[:30],
         sdk="gradio",
@@ -193,7 +193,7 @@ def main(argv=None):
             print(f"Space written to {folder}: push it with `hf upload USER/SPACE {folder} --repo-type space`.")
             return
         demo = load_demo(args.model, args.examples, args.device)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError, MissingGradioError) as error:
         raise SystemExit(str(error)) from None
     demo.launch(server_name=args.host, server_port=args.port, share=False)
 

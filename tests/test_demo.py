@@ -53,21 +53,34 @@ def test_page_shows_the_top5_and_the_selection_map(backbone):
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
 
 
-def test_write_space(tmp_path):
-    model_folder = tmp_path / "ffvt-digits"
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The Space --write_space writes for a local model folder and two examples, and that model folder."""
+    root = tmp_path_factory.mktemp("space")
+    model_folder = root / "ffvt-digits"
     save_tiny_model(model_folder, CLASSES, seed=2)
-    write_digits(tmp_path / "examples", [3, 5])
-    space = tmp_path / "space"
-    main(["--model", str(model_folder), "--examples", str(tmp_path / "examples"), "--write_space", str(space)])
+    write_digits(root / "examples", [3, 5])
+    main(["--model", str(model_folder), "--examples", str(root / "examples"), "--write_space", str(root / "space")])
+    return root / "space", model_folder
 
+
+def test_write_space(space):
+    space, model_folder = space
     card = SpaceCard.load(space / "README.md")  # the Hub's own parser of the header
     assert (card.data.sdk, card.data.app_file, card.data.sdk_version) == ("gradio", "app.py", gradio.__version__)
     requirements = (space / "requirements.txt").read_text().split()
     assert "gradio" in requirements and any(line.startswith("transformers") for line in requirements)
     assert json.loads((space / "model" / "config.json").read_text())["id2label"]["3"] == "digit 3"
     assert len(list((space / "examples").glob("*.png"))) == 2
+    with pytest.raises(SystemExit, match=f"--write_space {space} exists and is not empty: give a new or empty folder"):
+        main(["--model", str(model_folder), "--write_space", str(space)])
 
-    # app.py runs from the Space's own copy of the package and model; launch() is where the Space takes over.
+
+@pytest.mark.slow
+def test_space_app_runs_from_its_own_copy(space):
+    """app.py builds the page from the Space's copy of the package and model; launch() is where the Space takes
+    over, so it only reports here."""
+    space, _ = space
     script = (
         "import gradio\n"
         "gradio.Blocks.launch = lambda self, **kwargs: print('launched', len(self.blocks))\n"
@@ -78,9 +91,6 @@ def test_write_space(tmp_path):
     run = run_python("-c", script, cwd=space)
     assert run.returncode == 0, run.stdout[-3000:]
     assert str(space / "modeling_ffvt" / "__init__.py") in run.stdout and "launched" in run.stdout
-
-    with pytest.raises(SystemExit, match=f"--write_space {space} exists and is not empty: give a new or empty folder"):
-        main(["--model", str(model_folder), "--write_space", str(space)])
 
 
 def test_clear_errors(tmp_path):

@@ -143,13 +143,12 @@ def test_a_model_without_fusion_and_an_existing_folder(digits_folder, tmp_path):
 @pytest.mark.slow
 def test_report_across_processes(model_folder, digits_folder, tmp_path):
     """Two CPU processes under accelerate launch (20 images in batches of 3 each: the last step pads) write the
-    report of one process."""
+    report one process writes."""
     _, folder = model_folder
-    arguments = ["--model", folder, "--data_dir", digits_folder, "--batch_size", "3", "--report"]
-    single = run_python("-m", "modeling_ffvt.evaluate_cli", *arguments, tmp_path / "one")
-    assert single.returncode == 0, single.stdout[-3000:]
-    double = run_python("-m", "modeling_ffvt.evaluate_cli", *arguments, tmp_path / "two", processes=2)
-    assert double.returncode == 0, double.stdout[-3000:]
+    arguments = ["--model", str(folder), "--data_dir", str(digits_folder), "--batch_size", "3", "--report"]
+    main([*arguments, str(tmp_path / "one")])
+    run = run_python("-m", "modeling_ffvt.evaluate_cli", *arguments, tmp_path / "two", processes=2)
+    assert run.returncode == 0, run.stdout[-3000:]
     assert (tmp_path / "two" / "metrics.json").read_text() == (tmp_path / "one" / "metrics.json").read_text()
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
         path.name for path in (tmp_path / "one").iterdir()
