@@ -4,6 +4,7 @@ import json
 import re
 from collections import Counter
 
+import datasets
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -13,7 +14,7 @@ from conftest import digits_of, randomized, run_python, save_tiny_model, tiny_co
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
-from modeling_ffvt.report import score_images
+from modeling_ffvt.report import score_images, write_report
 
 # The model's classes in an order unlike the folders' sorted one, with two classes the data lacks.
 MODEL_CLASSES = ["3", "9", "0", "2", "1", "7"]
@@ -153,3 +154,33 @@ def test_report_across_processes(model_folder, digits_folder, tmp_path):
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
         path.name for path in (tmp_path / "one").iterdir()
     )
+
+
+def test_a_large_set_pictures_only_its_worst_pairs(tmp_path):
+    """200 classes and 400 images, every odd image taken for the next class: metrics.json holds all 200 mistakes,
+    while the model runs again on the 5 pictured pairs' images only (each pair's mistake and one right image of the
+    class it was taken for: 10 images)."""
+    names = [f"species_{index:03d}_with_a_long_name" for index in range(200)]
+    config = tiny_config(num_labels=200, id2label=dict(enumerate(names)))
+    model = randomized(FFVTForImageClassification(config))
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, output: seen.append(len(kwargs["pixel_values"])),
+                                with_kwargs=True)
+    (path,) = write_digits(tmp_path / "images", [0])
+    split = datasets.Dataset.from_dict({"image": [str(path)] * 400}, features=datasets.Features(
+        {"image": datasets.Image(decode=False)}))
+    references = [index // 2 for index in range(400)]
+    rankings = [[(reference + index % 2) % 200, 0, 1, 2, 3] for index, reference in enumerate(references)]
+    scores = {"accuracy": 0.5, "top5_accuracy": 1.0, "mean_per_class_accuracy": 0.5}
+    write_report(tmp_path / "report", summary={"model": "m"}, scores=scores, references=references,
+                 rankings=rankings, model=model, processor=make_image_processor(32, 36), split=split,
+                 image_column="image")
+
+    assert sum(seen) == 10
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert len(metrics["confusion"]) == 200 and {pair["count"] for pair in metrics["confusion"]} == {1}
+    assert metrics["confusion"][0] == {"true": names[0], "predicted": names[1], "count": 1}
+    assert set(metrics["per_class_accuracy"].values()) == {0.5} and len(metrics["per_class_images"]) == 200
+    assert len(list((tmp_path / "report").glob("confused_pair_*.png"))) == 5
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("<tr><td>species_") == 30 + 20  # the worst classes' table and the confused pairs' table
