@@ -29,6 +29,7 @@ from .inputs import (
     load_data,
     unknown_names_message,
 )
+from .report import check_report_folder, write_report
 
 DEFAULT_SPLITS = ("test", "validation")
 
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=32, help="Images per batch and process.")
     parser.add_argument("--confusions", type=int, default=10, help="How many confused class pairs to list.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    parser.add_argument(
+        "--report", metavar="OUT", help="Also write metrics.json, pictures and report.html into OUT, a new folder."
+    )
     return parser.parse_args(argv)
 
 
@@ -129,6 +133,11 @@ def print_report(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:
+        try:
+            check_report_folder(args.report)
+        except OSError as error:
+            raise SystemExit(str(error)) from None
     accelerator = Accelerator()
     with accelerator.main_process_first():  # the main process writes the data set's cache, the others read it
         split, split_name = load_split(args)
@@ -173,6 +182,14 @@ def main(argv=None):
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+    if args.report is not None:
+        summary = {key: report[key] for key in ("model", "data", "split")}
+        page = write_report(
+            args.report, summary=summary, scores=scores, references=references, rankings=rankings,
+            model=accelerator.unwrap_model(model), processor=processor, split=split,
+            image_column=args.image_column_name,
+        )
+        print(f"report: {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ logits = model(**processor(Image.open("image.jpg").convert("RGB"), return_tensor
 print(model.config.id2label[logits.argmax(-1).item()])
 ```
 
+To try it in a browser, install modeling_ffvt (the package that wrote this card) with its `demo` extra and run
+`ffvt-demo --model {repo_id}`: a Gradio page at <http://127.0.0.1:7860> shows the five most probable classes of an
+uploaded image and the tokens MAWS picked in each layer. `ffvt-demo --model {repo_id} --write_space space` writes
+that page as a folder to push as a Hugging Face Space.
+
 ## Training
 
 | hyper-parameter | value |

@@ -20,6 +20,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 ORIGINAL_CASES = ["fusion", "nofusion", "fusion_small", "fusion_deep"]
 
 
+def python_environment(env=None) -> dict:
+    """This process's variables, offline and with one torch thread (see run_python), and `env` on top; for the
+    commands that run_python cannot run because they do not end by themselves (a server)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def run_python(*args, cwd=None, env=None, processes: int = 1, separate_stderr: bool = False,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python ARGS` (a script path, `-m module` or `-c code`; str() of each) as a user would, offline, one torch
@@ -28,8 +34,7 @@ def run_python(*args, cwd=None, env=None, processes: int = 1, separate_stderr: b
     flag starts only one). Returns the finished process with its output as text: stdout and stderr together in
     `.stdout`, or apart with `separate_stderr`."""
     args = [str(arg) for arg in args]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   **(env or {})}
+    environment = python_environment(env)
     if processes > 1:
         args = ["-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--multi_gpu", "--main_process_port", "0",
                 "--num_processes", str(processes), *args]
