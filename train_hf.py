@@ -196,7 +196,7 @@ def parse_args(argv=None):
     return args
 
 
-# The smallest value each numeric flag takes (None: no lower bound), and whether the bound itself is allowed.
+# The smallest value each numeric flag takes, and whether that value itself is allowed.
 FLAG_BOUNDS = {
     "per_device_train_batch_size": (1, True),
     "per_device_eval_batch_size": (1, True),
@@ -242,14 +242,36 @@ def check_flag_values(parser, args):
         parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
     if args.resume_from_checkpoint:
         check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
+    if args.vit_npz and not Path(args.vit_npz).is_file():
+        parser.error(f"--vit_npz {args.vit_npz}: there is no such file; give one of Google's ViT .npz files "
+                     "(ViT-B_16.npz in the paper).")
+    if args.config_name and not (args.model_name_or_path or args.vit_npz):
+        check_config_flag(parser, args.config_name)
     check_geometry_flags(parser, args)
+
+
+def check_config_flag(parser, config_name):
+    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT."""
+    try:
+        if config_name.lstrip().startswith("{"):
+            FFVTConfig(**json.loads(config_name))
+        elif not Path(config_name).exists():
+            parser.error(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such as "
+                         "'{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
+        else:
+            FFVTConfig.from_pretrained(config_name)
+    except json.JSONDecodeError as error:
+        parser.error(f"--config_name: not valid JSON ({error}); give inline JSON such as "
+                     "'{\"num_hidden_layers\": 4}'.")
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--config_name {config_name}: {first_line(error)}")
 
 
 def check_checkpoint_flag(parser, folder, output_dir):
     if folder == "latest":
         if not list(Path(output_dir).glob(f"*/{PROGRESS_FILE}")):
             parser.error(f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint (a folder with a "
-                         f"{PROGRESS_FILE}); give a checkpoint folder, or --checkpointing_steps to a run to write them.")
+                         f"{PROGRESS_FILE}); give a checkpoint folder, or train with --checkpointing_steps first.")
     elif not Path(folder).is_dir():
         parser.error(f"--resume_from_checkpoint {folder}: there is no such folder; give a checkpoint folder "
                      "(OUTPUT_DIR/step_N or epoch_N) or latest.")
@@ -530,7 +552,17 @@ def make_accelerator(args) -> Accelerator:
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     datasets.utils.logging.set_verbosity(verbosity)
     transformers.utils.logging.set_verbosity(verbosity)
+    choose_cpu_threads(args, accelerator)
     return accelerator
+
+
+def choose_cpu_threads(args, accelerator):
+    """The demo's model is so small that torch's threads cost more in hand-overs than they gain, above all on a busy
+    machine: one thread trains it several times faster than torch's default of one per core (BENCHMARKS.md, "The
+    demo on CPU"). OMP_NUM_THREADS, when set, still decides; data-loader workers always run one thread each (torch
+    sets it in every worker)."""
+    if args.demo and accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 def make_dataloaders(args, splits, config, accelerator):

@@ -51,12 +51,16 @@ def vit_folder(folder, patch_size=8):
         (["--num_token", 18], "--num_token 18: give 1 to 17, the tokens MAWS can pick from (CLS and patches) at 32 px "
                               "with 8 px patches."),
         (["--image_size", 64, "--num_token", 66], "--num_token 66: give 1 to 65,"),
+        (["--config_name", "{'hidden_size': 32}"], "--config_name: not valid JSON (Expecting property name"),
+        (["--config_name", "nowhere/config.json"], "--config_name nowhere/config.json: there is no such file"),
+        (["--config_name", '{"num_token": 0}'], '--config_name {"num_token": 0}: num_token=0 must lie between 1 and'),
+        (["--vit_npz", "ViT-B_16.npz"], "--vit_npz ViT-B_16.npz: there is no such file"),
     ],
 )
 def test_flag_values_are_checked_before_the_data_loads(capsys, tmp_path, flags, message):
     # The data folder does not exist: a flag message (not the data's) shows that nothing was read.
-    line = flag_error(capsys, "--train_dir", tmp_path / "nowhere", "--config_name", SMALL_MODEL, "--output_dir",
-                      tmp_path / "out", *flags)
+    model = [] if "--vit_npz" in flags else ["--config_name", SMALL_MODEL]
+    line = flag_error(capsys, "--train_dir", tmp_path / "nowhere", *model, "--output_dir", tmp_path / "out", *flags)
     assert message in line, line
 
 
@@ -213,7 +217,9 @@ def test_a_warmup_longer_than_the_run_is_warned_about_and_carded_as_it_ran(tmp_p
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     # The default warm-up of 500 steps against a 3-step run.
-    assert "--num_warmup_steps 500 is 16667% of the run's 3 optimiser steps: the learning rate never reaches" in caplog.text
+    warning = "--num_warmup_steps 500 is 16667% of the run's 3 optimiser steps: the learning rate never reaches"
+    assert warning in caplog.text
     card = (output_dir / "README.md").read_text()
     peak = max(learning_rates(500, 3))
-    assert f"| schedule | linear warm-up only: 500 warm-up steps planned, so the rate rose to {peak:.3g} (of 0.1)" in card
+    assert (f"| schedule | linear warm-up only: 500 warm-up steps planned, so the rate rose to {peak:.3g} (of 0.1) "
+            "by the last of the 3 steps and never decayed |") in card
