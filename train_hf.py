@@ -723,7 +723,7 @@ def train_step(args, accelerator, model, optimizer, lr_scheduler, window, epoch)
     window's mean loss (their sum over processes is the mean).
     """
     labelled = sum(batch["labels"].ne(IGNORE_INDEX).sum() for _, batch in window)
-    labelled = accelerator.reduce(labelled, "sum").float()
+    labelled = accelerator.reduce(labelled, "sum").float().clamp(min=1)  # a window without labels weighs nothing
     # DDP and FSDP average the processes' gradients: weighting by num_processes turns the average into the sum.
     weight = accelerator.num_processes / labelled
     share = 0.0
