@@ -21,7 +21,7 @@ def tagged(notebook, tag):
 
 
 def text_of(cell):
-    return "".join(output.get("text", "") for output in cell.outputs if output["output_type"] == "stream")
+    return "".join(output.get("text", "") for output in cell.get("outputs", []) if output["output_type"] == "stream")
 
 
 @pytest.mark.slow
