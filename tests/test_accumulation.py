@@ -7,6 +7,8 @@ each optimiser step must end with the same weights (up to float32 summation orde
 """
 
 import json
+import logging
+import shutil
 
 import pytest
 from accelerate.state import AcceleratorState
@@ -86,3 +88,22 @@ def test_two_processes_accumulate_what_one_process_does_in_one_batch(tmp_path):
     accumulated = train(data, tmp_path / "accumulated", 4, 2, 4, *extra, processes=2)
     larger = train(data, tmp_path / "larger", 16, 1, 4, *extra)
     assert_same_training(accumulated, larger)
+
+
+def test_resuming_between_windows_gives_the_weights_of_a_run_never_stopped(tmp_path, caplog):
+    """Windows of 4 + 4 and 4 + 2 images, dropout and augmentation on: a checkpoint at step 3 lies after the first
+    window of the second epoch, and the resumed run must start its next window where the straight run did."""
+    data = digit_folders(tmp_path / "data", 14)
+    model = json.dumps({**json.loads(MODEL), "hidden_dropout_prob": 0.1})
+    common = ("--config_name", model, "--recipe", "cub", "--checkpointing_steps", 3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(data, straight, 4, 2, 6, *common)
+    progress = json.loads((straight / "step_3" / "training_progress.json").read_text())
+    assert (progress["epoch"], progress["batches_done"]) == (1, 2)
+    shutil.copytree(straight / "step_3", resumed / "step_3")
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    train(data, resumed, 4, 2, 6, *common, "--resume_from_checkpoint", "latest")
+    assert f"Resumed from {resumed / 'step_3'} at step 3" in caplog.text  # a run from scratch would match too
+    expected, actual = (load_file(folder / "step_6" / "model.safetensors") for folder in (straight, resumed))
+    assert max((expected[key] - actual[key]).abs().max().item() for key in expected) == 0.0
