@@ -10,6 +10,8 @@ docs/training.md describes the flags, multi-GPU and multi-machine launches, and 
 """
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -22,13 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from huggingface_hub import create_repo, upload_folder
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed
+from huggingface_hub import create_repo, upload_folder, whoami
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -64,6 +68,7 @@ from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 logger = get_logger(__name__)
 
 PROGRESS_FILE = "training_progress.json"
+IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
 # std 1 rather than 0.02 let SGD tell them apart within 600 steps (0.35 top-1 with 0.02, 0.94 with 1).
@@ -182,14 +187,138 @@ def parse_args(argv=None):
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
-    if args.eval_steps is not None and args.eval_steps <= 0:
-        parser.error("--eval_steps must be positive.")
+    check_flag_values(parser, args)
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.exit(2, (
             f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
             "to replace it, or --resume_from_checkpoint to continue the run that wrote it.\n"
         ))
     return args
+
+
+# The smallest value each numeric flag takes, and whether that value itself is allowed.
+FLAG_BOUNDS = {
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "max_train_steps": (1, True),
+    "num_train_epochs": (1, True),
+    "eval_steps": (1, True),
+    "image_size": (1, True),
+    "resize_size": (1, True),
+    "num_token": (1, True),
+    "max_train_samples": (1, True),
+    "max_eval_samples": (0, True),
+    "num_warmup_steps": (0, True),
+    "dataloader_num_workers": (0, True),
+    "learning_rate": (0, False),
+    "max_grad_norm": (0, False),
+    "weight_decay": (0, True),
+    "label_smoothing": (0, True),
+    "train_val_split": (0, False),
+}
+
+
+def check_flag_values(parser, args):
+    """Stop with one line naming the flag and its valid values for any flag value training cannot use, before any data
+    loads: numbers out of range, --report_to, --resume_from_checkpoint, and --image_size and --num_token against the
+    model training starts from."""
+    for name, (lowest, inclusive) in FLAG_BOUNDS.items():
+        value = getattr(args, name)
+        if value is not None and (value < lowest or (value == lowest and not inclusive)):
+            kind = "a whole number" if isinstance(value, int) else "a number"
+            parser.error(f"--{name} {value}: give {kind} {'at least' if inclusive else 'above'} {lowest}.")
+    for name in ("label_smoothing", "train_val_split"):
+        if getattr(args, name) >= 1:
+            parser.error(f"--{name} {getattr(args, name)}: give a fraction below 1.")
+    trackers = [str(tracker) for tracker in LoggerType if tracker != LoggerType.ALL]
+    if args.report_to not in ("all", *trackers):
+        parser.error(f"--report_to {args.report_to}: not a tracker; choose all or one of {', '.join(trackers)}.")
+    available = [str(tracker) for tracker in get_available_trackers()]
+    if args.with_tracking and args.report_to != "all" and args.report_to not in available:
+        parser.error(f"--report_to {args.report_to}: not installed here (pip install {args.report_to}); installed: "
+                     f"{', '.join(available) or 'none'}.")
+    if args.with_tracking and not available:
+        parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
+    if args.resume_from_checkpoint:
+        check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
+    if args.vit_npz and not Path(args.vit_npz).is_file():
+        parser.error(f"--vit_npz {args.vit_npz}: there is no such file; give one of Google's ViT .npz files "
+                     "(ViT-B_16.npz in the paper).")
+    if args.config_name and not (args.model_name_or_path or args.vit_npz):
+        check_config_flag(parser, args.config_name)
+    check_geometry_flags(parser, args)
+
+
+def check_config_flag(parser, config_name):
+    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT."""
+    try:
+        if config_name.lstrip().startswith("{"):
+            FFVTConfig(**json.loads(config_name))
+        elif not Path(config_name).exists():
+            parser.error(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such as "
+                         "'{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
+        else:
+            FFVTConfig.from_pretrained(config_name)
+    except json.JSONDecodeError as error:
+        parser.error(f"--config_name: not valid JSON ({error}); give inline JSON such as "
+                     "'{\"num_hidden_layers\": 4}'.")
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--config_name {config_name}: {first_line(error)}")
+
+
+def check_checkpoint_flag(parser, folder, output_dir):
+    if folder == "latest":
+        if not list(Path(output_dir).glob(f"*/{PROGRESS_FILE}")):
+            parser.error(f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint (a folder with a "
+                         f"{PROGRESS_FILE}); give a checkpoint folder, or train with --checkpointing_steps first.")
+    elif not Path(folder).is_dir():
+        parser.error(f"--resume_from_checkpoint {folder}: there is no such folder; give a checkpoint folder "
+                     "(OUTPUT_DIR/step_N or epoch_N) or latest.")
+    elif not Path(folder, PROGRESS_FILE).is_file():
+        parser.error(f"--resume_from_checkpoint {folder}: not a checkpoint of train_hf.py (it has no {PROGRESS_FILE});"
+                     " give a step_N or epoch_N folder that --checkpointing_steps wrote, or latest.")
+
+
+def starting_geometry(args) -> tuple[int, int] | None:
+    """(patch size, image size) of the model training starts from, before --image_size; None when it cannot be read
+    now (load_model then says why)."""
+    try:
+        if args.vit_npz:
+            with np.load(args.vit_npz) as npz:
+                return int(npz["embedding/kernel"].shape[0]), 448  # the paper's resolution; the .npz records none
+        if args.model_name_or_path:
+            config = AutoConfig.from_pretrained(args.model_name_or_path)
+            config = getattr(config, "vision_config", config)  # CLIP's vision tower
+        elif args.config_name.lstrip().startswith("{"):
+            config = FFVTConfig(**json.loads(args.config_name))
+        else:
+            config = FFVTConfig.from_pretrained(args.config_name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    patch_size, image_size = getattr(config, "patch_size", None), getattr(config, "image_size", None)
+    if not isinstance(patch_size, int) or not isinstance(image_size, int):
+        return None
+    return patch_size, image_size
+
+
+def check_geometry_flags(parser, args):
+    """--image_size a multiple of the starting model's patch size, --num_token at most the tokens it can pick from."""
+    if args.image_size is None and args.num_token is None:
+        return
+    geometry = starting_geometry(args)
+    if geometry is None:
+        return
+    patch_size, image_size = geometry
+    source = args.vit_npz or args.model_name_or_path or "--config_name"
+    if args.image_size is not None and args.image_size % patch_size:
+        lower = max(patch_size, args.image_size // patch_size * patch_size)
+        parser.error(f"--image_size {args.image_size}: must be a multiple of the patch size {patch_size} of {source} "
+                     f"(e.g. {lower} or {lower + patch_size}).")
+    tokens = 1 + ((args.image_size or image_size) // patch_size) ** 2  # CLS and patches
+    if args.num_token is not None and args.num_token > tokens:
+        parser.error(f"--num_token {args.num_token}: give 1 to {tokens}, the tokens MAWS can pick from (CLS and "
+                     f"patches) at {args.image_size or image_size} px with {patch_size} px patches.")
 
 
 def make_digits_folder(root):
@@ -417,7 +546,8 @@ def reseed_dropout(seed, epoch, step, rank):
 def make_accelerator(args) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # No gradient_accumulation_steps: train_step accumulates itself, since weighting each image by its window's
+        # size needs the whole window fetched first, and accelerate ends a window when the last batch is fetched.
         # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
         # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
@@ -429,7 +559,17 @@ def make_accelerator(args) -> Accelerator:
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     datasets.utils.logging.set_verbosity(verbosity)
     transformers.utils.logging.set_verbosity(verbosity)
+    choose_cpu_threads(args, accelerator)
     return accelerator
+
+
+def choose_cpu_threads(args, accelerator):
+    """The demo's model is so small that torch's threads cost more in hand-overs than they gain, above all on a busy
+    machine: one thread trains it several times faster than torch's default of one per core (BENCHMARKS.md, "The
+    demo on CPU"). OMP_NUM_THREADS, when set, still decides; data-loader workers always run one thread each (torch
+    sets it in every worker)."""
+    if args.demo and accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 def make_dataloaders(args, splits, config, accelerator):
@@ -473,7 +613,33 @@ def make_optimizer(args, model, train_dataloader, accelerator):
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
+    warn_about_warmup(args.num_warmup_steps, args.max_train_steps)
     return optimizer, lr_scheduler, steps_per_epoch
+
+
+# A warm-up beyond this share of the run leaves little or nothing of it to the decay (the paper: 500 of 10000 steps).
+LONG_WARMUP = 0.25
+
+
+def warn_about_warmup(warmup_steps, total_steps):
+    if warmup_steps > LONG_WARMUP * total_steps:
+        effect = ("the learning rate never reaches --learning_rate and never decays" if warmup_steps >= total_steps
+                  else f"only {total_steps - warmup_steps} steps are left for the decay")
+        logger.warning(
+            f"--num_warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of the run's {total_steps} "
+            f"optimiser steps: {effect}. A warm-up of 5 to 10 % of the steps is usual (e.g. --num_warmup_steps "
+            f"{max(1, round(0.05 * total_steps))})."
+        )
+
+
+def schedule_description(warmup_steps, total_steps, kind, learning_rate) -> str:
+    """The learning-rate schedule a run of `total_steps` optimiser steps follows, as the model card states it: the
+    rate of step i (from 0) is learning_rate * i / warmup_steps during the warm-up, then decays to 0."""
+    if warmup_steps >= total_steps:
+        peak = learning_rate * (total_steps - 1) / warmup_steps
+        return (f"linear warm-up only: {warmup_steps} warm-up steps planned, so the rate rose to {peak:.3g} (of "
+                f"{learning_rate}) by the last of the {total_steps} steps and never decayed")
+    return f"{warmup_steps} warm-up steps, then {kind} decay to 0 over {total_steps - warmup_steps} steps"
 
 
 @dataclass
@@ -488,7 +654,8 @@ class Progress:
 
 
 class LossWindow:
-    """Training loss and images between two evaluations, and the loss summed over the run's optimiser steps."""
+    """Training loss and images between two evaluations, and the loss summed over the run's optimiser steps. Each
+    process adds its share of every step's loss; `close` sums the shares."""
 
     def __init__(self):
         self.run_sum, self.run_steps, self.last_mean = 0.0, 0, None
@@ -497,10 +664,11 @@ class LossWindow:
     def start(self):
         self.loss, self.steps, self.images, self.started = 0.0, 0, 0, time.perf_counter()
 
-    def close(self) -> dict:
-        """The window's mean loss and throughput; the next window starts."""
-        self.last_mean = float(self.loss) / self.steps
-        self.run_sum, self.run_steps = self.run_sum + float(self.loss), self.run_steps + self.steps
+    def close(self, accelerator) -> dict:
+        """The window's mean loss over every process and its throughput; the next window starts."""
+        loss = float(accelerator.reduce(torch.as_tensor(self.loss, device=accelerator.device), "sum"))
+        self.last_mean = loss / self.steps
+        self.run_sum, self.run_steps = self.run_sum + loss, self.run_steps + self.steps
         stats = {"train_loss": self.last_mean, "images_per_second": self.images / (time.perf_counter() - self.started)}
         self.start()
         return stats
@@ -530,7 +698,7 @@ def latest_checkpoint(output_dir):
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
 
 
-def evaluate(model, dataloader, accelerator, metric) -> dict:
+def validate(model, dataloader, accelerator, metric) -> dict:
     """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split."""
     ranked = rank_classes(model, dataloader, accelerator)
     scores = metric.compute(predictions=ranked["rankings"], references=ranked["references"])
@@ -540,7 +708,7 @@ def evaluate(model, dataloader, accelerator, metric) -> dict:
 def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, processor, progress: Progress) -> dict:
     """Evaluate; when top-1 improved (or nothing is saved in output_dir yet, as after a resume into another folder),
     save the model, its processor, all_results.json and the card. Returns the evaluation's results."""
-    results = {**evaluate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
+    results = {**validate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
     if progress.best is None or results["eval_accuracy"] > progress.best["eval_accuracy"] or not Path(
         args.output_dir, "model.safetensors"
     ).exists():
@@ -552,21 +720,36 @@ def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, pr
     return results
 
 
-def train_step(args, accelerator, model, optimizer, lr_scheduler, batch) -> torch.Tensor:
-    """Forward, backward and (at the end of an accumulation) a clipped optimiser step; the batch's loss."""
-    with accelerator.accumulate(model):
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float(), batch["labels"], label_smoothing=args.label_smoothing
-        )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the lr
-            lr_scheduler.step()
-        optimizer.zero_grad()
-    return loss.detach()
+def train_step(args, accelerator, model, optimizer, lr_scheduler, window, epoch) -> torch.Tensor:
+    """One clipped optimiser step over an accumulation window: `window` holds (batch index in the epoch, batch) pairs,
+    up to --gradient_accumulation_steps of them (fewer at the end of an epoch).
+
+    Each image's loss is weighted by one over the number of labelled images in the window summed over processes, as
+    transformers' Trainer does with `num_items_in_batch`, so that the step is that of one batch holding the whole
+    window, however many batches the window has and however short they are. Returns this process's share of the
+    window's mean loss (their sum over processes is the mean).
+    """
+    labelled = sum(batch["labels"].ne(IGNORE_INDEX).sum() for _, batch in window)
+    labelled = accelerator.reduce(labelled, "sum").float().clamp(min=1)  # a window without labels weighs nothing
+    # DDP and FSDP average the processes' gradients: weighting by num_processes turns the average into the sum.
+    weight = accelerator.num_processes / labelled
+    share = 0.0
+    for position, (step, batch) in enumerate(window):
+        reseed_dropout(args.seed, epoch, step, accelerator.process_index)
+        last = position == len(window) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # one gradient all-reduce a window
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), batch["labels"], label_smoothing=args.label_smoothing, reduction="sum"
+            ) * weight
+            accelerator.backward(loss)
+        share += loss.detach() / accelerator.num_processes
+    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the lr
+        lr_scheduler.step()
+    optimizer.zero_grad()
+    return share
 
 
 @dataclass
@@ -582,12 +765,19 @@ class Prepared:
 
 def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
     """Close the loss window, evaluate (keeping the best model), and log both, to trackers too."""
-    log = {**window.close(), "learning_rate": run.lr_scheduler.get_last_lr()[0],
+    log = {**window.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
            "peak_memory_mb": peak_memory_mb(accelerator.device)}
     log.update(evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress))
     logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
     if args.with_tracking:
         accelerator.log(log, step=progress.completed_steps)
+
+
+def accumulation_windows(batches, size):
+    """Lists of `size` consecutive items of `batches`; the last list is shorter when they run out first."""
+    batches = iter(batches)
+    while window := list(itertools.islice(batches, size)):
+        yield window
 
 
 def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow, bar):
@@ -597,14 +787,12 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
     batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch else dataloader
-    for step, batch in enumerate(batches, start=first_batch):
-        reseed_dropout(args.seed, epoch, step, accelerator.process_index)
-        loss = train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, batch)
-        window.loss += loss / args.gradient_accumulation_steps
-        window.images += len(batch["labels"]) * accelerator.num_processes
-        progress.epoch, progress.batches_done = (epoch + 1, 0) if step + 1 == len(dataloader) else (epoch, step + 1)
-        if not accelerator.sync_gradients:
-            continue
+    # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
+    for accumulation in accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps):
+        window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
+        window.images += sum(len(batch["labels"]) for _, batch in accumulation) * accelerator.num_processes
+        done = accumulation[-1][0] + 1
+        progress.epoch, progress.batches_done = (epoch + 1, 0) if done == len(dataloader) else (epoch, done)
         progress.completed_steps += 1
         window.steps += 1
         bar.update(1)
@@ -683,7 +871,8 @@ def write_results_and_card(args, accelerator, config, best, train_metrics):
         "num_token": config.num_token,
         "optimiser": f"SGD, momentum 0.9, weight decay {args.weight_decay}",
         "learning rate": args.learning_rate,
-        "schedule": f"{args.num_warmup_steps} warm-up steps, then {args.lr_scheduler_type} decay to 0",
+        "schedule": schedule_description(args.num_warmup_steps, args.max_train_steps, args.lr_scheduler_type,
+                                         args.learning_rate),
         "optimiser steps": args.max_train_steps,
         "batch size": f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes x "
                       f"{args.gradient_accumulation_steps} accumulation",
@@ -724,20 +913,65 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
     print(next_steps(args.output_dir, validation_image.get("path"), args.validation_dir))
     if args.push_to_hub:
-        repo_name = args.hub_model_id or Path(args.output_dir).absolute().name
+        push_to_hub(args)
+
+
+HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "demo_data/*"]  # checkpoints and the demo's images stay local
+
+
+def hub_repo_name(args):
+    return args.hub_model_id or Path(args.output_dir).absolute().name
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_hub_access(args):
+    """For --push_to_hub, before any data loads: the Hub answers, the token may write, and the repository exists
+    (created now, as transformers' Trainer does at the start), so that a run does not train for hours to fail at the
+    upload. Raises SystemExit with one line naming the flag otherwise."""
+    repo_name = hub_repo_name(args)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded to {repo_name}; unset it, "
+                         "or drop --push_to_hub and upload the folder after training.")
+    try:
+        role = whoami(token=args.hub_token).get("auth", {}).get("accessToken", {}).get("role")
+        if role == "read":
+            raise PermissionError("the token is read-only")
+        create_repo(repo_name, exist_ok=True, token=args.hub_token)
+    # Whatever fails here (no network, offline mode, no token, no right to the repository), the run cannot upload.
+    except Exception as error:
+        raise SystemExit(
+            f"--push_to_hub: cannot write to the Hub repository {repo_name} ({first_line(error)}). Log in with "
+            "`hf auth login` using a token with write access (or pass --hub_token), choose a repository you may write "
+            "with --hub_model_id, or drop --push_to_hub and upload the folder after training."
+        ) from None
+
+
+def push_to_hub(args):
+    """Upload the saved model; if that fails, say where the model is and the command that uploads it later."""
+    repo_name = hub_repo_name(args)
+    try:
         repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=args.output_dir,
-            commit_message="End of training",
-            ignore_patterns=["step_*", "epoch_*", "demo_data/*"],
-            token=args.hub_token,
-        )
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                      ignore_patterns=HUB_IGNORE_PATTERNS, token=args.hub_token)
+    # The model is saved whatever went wrong: any failure of the upload ends in the same advice.
+    except Exception as error:
+        exclude = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in HUB_IGNORE_PATTERNS)
+        raise SystemExit(
+            f"--push_to_hub: the upload to {repo_name} failed ({first_line(error)}). The model is saved in "
+            f"{args.output_dir}; upload it later with:\n  hf upload {shlex.quote(repo_name)} "
+            f"{shlex.quote(str(args.output_dir))} . {exclude}"
+        ) from None
+    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
+    if args.push_to_hub and accelerator.is_main_process:
+        check_hub_access(args)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 

@@ -666,6 +666,8 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             feature_fusion=feature_fusion,
             **config_kwargs,
         )
+        # Kept as the model's origin, as from_pretrained keeps it: a PEFT adapter records it as its base model.
+        config.name_or_path = pretrained_model_name_or_path  # the setter stores str() of it
         model = cls(config)
         load_backbone(model, checkpoint)
         return model

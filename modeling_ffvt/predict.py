@@ -42,7 +42,28 @@ def parse_args(argv=None):
         parser.error("--top_k and --batch_size must be positive.")
     if args.selection_map and args.selection_map.suffix.lower() not in Image.registered_extensions():
         parser.error(f"--selection_map {args.selection_map}: end the name with an image extension such as .png.")
+    if args.device is not None:
+        problem = device_problem(args.device)
+        if problem:
+            parser.error(f"--device {args.device}: {problem}")
     return args
+
+
+def device_problem(name: str) -> str | None:
+    """Why torch cannot run on the device `name` here, saying what to give instead; None when it can."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "not a device torch knows; give cpu, cuda, cuda:N or mps, or leave --device out."
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not backend.is_available():
+        return f"no {device.type} device is available here; give --device cpu, or leave --device out."
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s), {device.type}:0 to {device.type}:{count - 1}."
+    return None
 
 
 def find_images(paths, target_size=None) -> list[Path]:
