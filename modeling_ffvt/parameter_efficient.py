@@ -139,13 +139,6 @@ class TrainingMethod:
             trained = tuple(name + "." for name in fully_trained_modules(model.config))
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(name.startswith(trained))
-        else:
-            return model
-        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5.0 has the old name only
-        if checkpointing if checkpointing is not None else model.is_gradient_checkpointing:
-            # Reentrant checkpointing (transformers 5.0's default) passes no gradient through a checkpointed layer
-            # whose inputs need none: with the embeddings frozen, make their output need one.
-            model.enable_input_require_grads()
         return model
 
 
