@@ -24,8 +24,9 @@ DEFAULT_LORA_TARGETS = ("query", "value")
 
 
 def fully_trained_modules(config: FFVTConfig) -> list[str]:
-    """Names of the `FFVTForImageClassification` modules that train fully under LoRA or a frozen backbone: the fusion layer (with feature fusion),
-    the final LayerNorm (`vit.fusion_layernorm` with fusion, `vit.layernorm` without) and the classifier."""
+    """Names of the `FFVTForImageClassification` modules that train fully under LoRA or a frozen backbone: the
+    fusion layer (with feature fusion), the final LayerNorm (`vit.fusion_layernorm` with fusion, `vit.layernorm`
+    without) and the classifier."""
     names = ["vit.encoder.fusion_layer"] if config.feature_fusion else []
     return names + ["vit.fusion_layernorm" if config.feature_fusion else "vit.layernorm", "classifier"]
 
@@ -52,9 +53,10 @@ def lora_target_pattern(model: FFVTForImageClassification, target_modules) -> st
     for target in target_modules:
         matches = [name for name in valid if name == target or name.endswith(f".{target}")]
         if not matches:
+            last_parts = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in valid}))
             raise ValueError(
                 f"--lora_target_modules: {target!r} names no linear module of FFVT's layers; valid names are "
-                f"{', '.join(valid)}, or their last parts ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in valid}))})."
+                f"{', '.join(valid)}, or their last parts ({last_parts})."
             )
         chosen += [name for name in matches if name not in chosen]
     # Anchored on `vit.encoder.layer.N.`: the fusion layer is `vit.encoder.fusion_layer` and never matches.

@@ -70,8 +70,8 @@ def assert_fully_trained_modules_changed(before: dict, after: dict):
 
 
 def assert_low_rank_change(before, after, rank, changed=True):
-    """`after - before` is a (nonzero, if `changed`) matrix of rank <= `rank`, up to float32 rounding of `after`: entries off by at
-    most eps x max|after| make a matrix of spectral norm at most that x sqrt(entries)."""
+    """`after - before` is a (nonzero, if `changed`) matrix of rank <= `rank`, up to float32 rounding of `after`:
+    entries off by at most eps x max|after| make a matrix of spectral norm at most that x sqrt(entries)."""
     singular_values = torch.linalg.svdvals((after - before).double())
     rounding = torch.finfo(torch.float32).eps * after.abs().max().item() * after.numel() ** 0.5
     assert singular_values[0] > 10 * rounding or not changed, "no change above rounding"
