@@ -85,6 +85,10 @@ class TrainingMethod:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = tuple(name.strip() for name in self.lora_target_modules.split(",") if name)
+        lora_settings = (self.lora_alpha is not None, self.lora_dropout != 0.0,
+                         tuple(self.lora_target_modules) != DEFAULT_LORA_TARGETS)
+        if not self.lora_rank and any(lora_settings):
+            raise ValueError("--lora_alpha, --lora_dropout and --lora_target_modules set LoRA up: give --lora_rank too.")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
 

@@ -265,6 +265,7 @@ def test_a_target_that_matches_nothing_lists_the_valid_ones():
         (["--lora_rank", "8", "--freeze_backbone"], "--lora_rank and --freeze_backbone don't combine"),
         (["--lora_rank", "-1"], "--lora_rank must be 0 (no LoRA) or positive"),
         (["--lora_rank", "8", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+        (["--lora_target_modules", "query,key"], "set LoRA up: give --lora_rank too"),
     ],
 )
 def test_flag_mistakes_are_explained(capsys, tmp_path, flags, message):
