@@ -64,6 +64,7 @@ from modeling_ffvt.inputs import (
 )
 from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
+from modeling_ffvt.parameter_efficient import TrainingMethod, is_peft_model, parameter_counts, save_peft_model
 
 logger = get_logger(__name__)
 
@@ -138,6 +139,16 @@ def parse_args(argv=None):
     model.add_argument("--image_size", type=int, help="Input resolution when starting from ViT (.npz: 448).")
     model.add_argument("--num_token", type=int, help="Tokens MAWS keeps per layer (12 in the paper, 24 for Dogs).")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    efficient = parser.add_argument_group("parameter-efficient fine-tuning (docs/training.md)")
+    efficient.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the plain layers (0: no LoRA).")
+    efficient.add_argument("--lora_alpha", type=float, help="LoRA scale numerator (default: 2 x --lora_rank).")
+    efficient.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on LoRA's input.")
+    efficient.add_argument(
+        "--lora_target_modules", default="query,value", help="Comma-separated linear modules of the layers."
+    )
+    efficient.add_argument(
+        "--freeze_backbone", action="store_true", help="Train only the fusion layer, final LayerNorm and classifier."
+    )
 
     training = parser.add_argument_group("optimisation")
     training.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -188,6 +199,11 @@ def parse_args(argv=None):
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
     check_flag_values(parser, args)
+    try:
+        args.method = TrainingMethod(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                                     args.freeze_backbone)
+    except ValueError as error:
+        parser.error(str(error))
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.exit(2, (
             f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
@@ -713,7 +729,8 @@ def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, pr
         args.output_dir, "model.safetensors"
     ).exists():
         progress.best = results
-        save_model(accelerator, model, processor, args.output_dir)
+        save_model(accelerator, model, processor, args.output_dir,
+                   args.model_name_or_path if is_hub_id(args.model_name_or_path) else None)
         if accelerator.is_main_process:
             write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {})
     model.train()
@@ -837,7 +854,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
-def save_model(accelerator, model, processor, output_dir):
+def save_model(accelerator, model, processor, output_dir, start=None):
+    if is_peft_model(accelerator.unwrap_model(model)):  # the merged model and, apart, the adapter
+        save_peft_model(accelerator.unwrap_model(model), output_dir, accelerator.is_main_process, start)
+        if accelerator.is_main_process:
+            processor.save_pretrained(output_dir)
+        return
     state_dict = accelerator.get_state_dict(model)  # gathers the full weights under FSDP
     # Under accelerate's --dynamo_backend the model is compiled, and its state dict names every tensor "_orig_mod.*".
     state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
@@ -863,8 +885,13 @@ def data_set_title(args):
 
 def write_results_and_card(args, accelerator, config, best, train_metrics):
     """all_results.json and the model card for the model saved in output_dir."""
-    Path(args.output_dir, "all_results.json").write_text(json.dumps({**best, **train_metrics}, indent=2))
+    Path(args.output_dir, "all_results.json").write_text(
+        json.dumps({**best, **train_metrics, **args.parameter_counts}, indent=2)
+    )
     hyperparameters = {
+        "method": args.method.describe(config),
+        "trainable / total parameters": "{trainable_parameters:,} / {total_parameters:,}".format(
+            **args.parameter_counts),
         "start": args.model_name_or_path or args.vit_npz or "from scratch",
         "image size / resize": f"{config.image_size} / {args.resize_size}",
         "augmentation recipe": args.recipe,
@@ -988,6 +1015,11 @@ def main(argv=None):
     if args.gradient_checkpointing:
         # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    try:
+        model = args.method.apply(model, args.model_name_or_path or args.vit_npz)
+    except (ValueError, ImportError) as error:
+        raise SystemExit(str(error)) from None
+    args.parameter_counts = parameter_counts(model)
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
     processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator)
     optimizer, lr_scheduler, steps_per_epoch = make_optimizer(args, model, train_dataloader, accelerator)
