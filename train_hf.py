@@ -46,9 +46,12 @@ from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
     ImageFolder,
+    InputError,
     check_disjoint,
     check_model_name,
+    exits_on_input_error,
     ids_out_of_range_message,
+    is_hub_id,
     label_kind,
     label_values,
     load_data,
@@ -200,7 +203,7 @@ def make_digits_folder(root):
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("--demo takes its images from scikit-learn: pip install scikit-learn") from None
+        raise InputError("--demo takes its images from scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     root.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so that an interrupted run leaves no half-written folder behind.
@@ -230,7 +233,7 @@ def read_data(args):
                 continue
             found = read_image_folder(folder, flag, default_split=split)
             if list(found.splits) != [split]:
-                raise SystemExit(
+                raise InputError(
                     f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
                     f"one split's folder, or give the whole folder as --dataset_name {folder}."
                 )
@@ -247,7 +250,7 @@ def load_splits(args):
     """The train and validation splits, images undecoded, limited to --max_train_samples/--max_eval_samples."""
     dataset = read_data(args)
     if "train" not in dataset:
-        raise SystemExit(f"The data set has no train split, only {list(dataset)}.")
+        raise InputError(f"The data set has no train split, only {list(dataset)}.")
     train = dataset["train"]
     validation = dataset.get("validation", dataset.get("test"))
     if validation is None:
@@ -256,7 +259,7 @@ def load_splits(args):
     for flag in ("--image_column_name", "--label_column_name"):
         column = getattr(args, flag[2:])
         if column not in train.column_names:
-            raise SystemExit(f"No column {column!r} in the data set (it has {train.column_names}): set {flag}.")
+            raise InputError(f"No column {column!r} in the data set (it has {train.column_names}): set {flag}.")
     if args.max_train_samples is not None:
         train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
@@ -289,7 +292,7 @@ def drop_unreadable_images(splits, args, accelerator):
     found = broadcast_object_list([found])[0]
     bad = [f"  {name}: {path} ({reason})" for name, rows in found.items() for _, path, reason in rows]
     if bad and not args.skip_bad_images:
-        raise SystemExit(
+        raise InputError(
             f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
             "to train without them."
         )
@@ -300,7 +303,7 @@ def drop_unreadable_images(splits, args, accelerator):
             splits[name] = splits[name].select([row for row in range(len(splits[name])) if row not in bad_rows])
     for name, split in splits.items():
         if len(split) == 0:
-            raise SystemExit(
+            raise InputError(
                 f"The {name} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
             )
 
@@ -308,13 +311,13 @@ def drop_unreadable_images(splits, args, accelerator):
 def encode_labels(splits, column, data):
     """Turn class-name labels (strings or a ClassLabel) into class ids, in place, and return the class names: those
     of the ClassLabel that train has images of, in their order, or train's sorted distinct strings. Returns None for integer labels,
-    which name no classes. Raises SystemExit for other label types and for validation names train lacks."""
+    which name no classes. Raises InputError for other label types and for validation names train lacks."""
     values = {name: label_values(split, column, f"{data} ({name})") for name, split in splits.items()}
     kinds = {name: label_kind(split.features[column], column, f"{data} ({name})") for name, split in splits.items()}
     if set(kinds.values()) == {"ids"}:
         return None
     if len(set(kinds.values())) > 1:
-        raise SystemExit(
+        raise InputError(
             f"The label column {column!r} holds class names in one split and integers in the other "
             f"({', '.join(f'{name}: {kind}' for name, kind in kinds.items())}): give both splits the same kind of labels."
         )
@@ -323,7 +326,7 @@ def encode_labels(splits, column, data):
     names = [name for name in feature.names if name in present] if isinstance(feature, datasets.ClassLabel) else sorted(present)
     unknown = sorted(set(values["validation"]) - set(names))
     if unknown:
-        raise SystemExit(
+        raise InputError(
             unknown_names_message(unknown, names, f"The train split of {data}")
             + " Every validation class needs training images."
         )
@@ -347,7 +350,7 @@ def load_model(args, names, labels):
         except (OSError, ValueError) as error:
             raise model_load_error(args.model_name_or_path, error, "--model_name_or_path") from None
     if start is not None and start.model_type != "ffvt" and start.model_type not in BACKBONE_FAMILIES:
-        raise SystemExit(
+        raise InputError(
             f"{args.model_name_or_path} is a {start.model_type!r} model: give an FFVT one or a backbone FFVT starts "
             f"from ({', '.join(BACKBONE_FAMILIES)})."
         )
@@ -366,13 +369,13 @@ def load_model(args, names, labels):
                 args.vit_npz or args.model_name_or_path, **head, **architecture
             )
         except ValueError as error:
-            raise SystemExit(str(error)) from None
+            raise InputError(str(error)) from None
     if start is None:
         if args.config_name.lstrip().startswith("{"):
             return FFVTForImageClassification(FFVTConfig(**{**json.loads(args.config_name), **architecture, **head}))
         return FFVTForImageClassification(FFVTConfig.from_pretrained(args.config_name, **architecture, **head))
     if architecture.get("image_size", start.image_size) != start.image_size:
-        raise SystemExit(
+        raise InputError(
             f"{args.model_name_or_path} was trained at {start.image_size} px: drop --image_size, or start from a "
             "backbone checkpoint, whose position embeddings are resized."
         )
@@ -395,7 +398,7 @@ def load_model(args, names, labels):
 def check_labels(labels, num_labels):
     bad = [label for label in labels if not 0 <= label < num_labels]
     if bad:
-        raise SystemExit(
+        raise InputError(
             ids_out_of_range_message(bad, num_labels, "the model")
             + " With class names the head is made for the data's classes; or start from a model whose head holds "
             "every label."
@@ -519,7 +522,7 @@ def resume(accelerator, folder, output_dir) -> Progress:
 def latest_checkpoint(output_dir):
     checkpoints = [path.parent for path in Path(output_dir).glob(f"*/{PROGRESS_FILE}")]
     if not checkpoints:
-        raise SystemExit(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
+        raise InputError(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
 
 
@@ -654,10 +657,6 @@ def save_model(accelerator, model, processor, output_dir):
         processor.save_pretrained(output_dir)
 
 
-def is_hub_id(name):
-    return name is not None and not os.path.exists(name)
-
-
 def data_set_title(args):
     if args.demo:
         return "scikit-learn digits"
@@ -728,6 +727,7 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
         )
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)

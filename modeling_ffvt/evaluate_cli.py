@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
+    InputError,
+    exits_on_input_error,
     ids_out_of_range_message,
     label_kind,
     label_values,
@@ -60,32 +62,32 @@ def load_split(args) -> tuple[datasets.Dataset, str]:
     else:
         found = [split for split in DEFAULT_SPLITS if split in dataset] or (list(dataset) if len(dataset) == 1 else [])
         if not found:
-            raise SystemExit(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
+            raise InputError(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
         split_name = found[0]
     if split_name not in dataset:
-        raise SystemExit(f"--split {split_name}: {name} has no such split, only {list(dataset)}.")
+        raise InputError(f"--split {split_name}: {name} has no such split, only {list(dataset)}.")
     split = dataset[split_name]
     for flag in ("--image_column_name", "--label_column_name"):
         column = getattr(args, flag[2:])
         if column not in split.column_names:
-            raise SystemExit(f"No column {column!r} in {name} (it has {split.column_names}): set {flag}.")
+            raise InputError(f"No column {column!r} in {name} (it has {split.column_names}): set {flag}.")
     return split.cast_column(args.image_column_name, datasets.Image(decode=False)), split_name
 
 
 def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
     """The model's class id of every row: class names (strings or ClassLabel) matched to the model's id2label by
-    name, integers taken as the model's ids. Raises SystemExit listing unknown names or out-of-range ids."""
+    name, integers taken as the model's ids. Raises InputError listing unknown names or out-of-range ids."""
     values = label_values(split, label_column, data)
     kind = label_kind(split.features[label_column], label_column, data)
     if kind == "ids":
         bad = [value for value in values if not 0 <= value < config.num_labels]
         if bad:
-            raise SystemExit(ids_out_of_range_message(bad, config.num_labels, f"the model {model_name}"))
+            raise InputError(ids_out_of_range_message(bad, config.num_labels, f"the model {model_name}"))
         return values
     label2id = {name: int(index) for index, name in config.id2label.items()}
     unknown = sorted(set(values) - label2id.keys())
     if unknown:
-        raise SystemExit(
+        raise InputError(
             unknown_names_message(unknown, list(label2id), f"The model {model_name}")
             + " Evaluate on images of these classes, with folders (or label names) spelled as the model's labels."
         )
@@ -113,6 +115,7 @@ def print_report(report):
             print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator()

@@ -8,6 +8,7 @@ explicit file lists and class labels.
 """
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,25 @@ _SPLIT_OF_NAME = {alias: split for split, aliases in SPLIT_NAMES.items() for ali
 # Files that make a folder a table data set for `load_dataset(folder)` rather than an image folder.
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"})
 LAYOUTS = "FOLDER/CLASS/image files, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
+
+
+class InputError(ValueError):
+    """Something a user handed over (a folder, a data set, a column, a model name) cannot be used; the message names
+    it and says what to do. Library callers catch it as a ValueError; commands print the message alone."""
+
+
+def exits_on_input_error(main):
+    """Decorate a command's `main(argv=None)`: an InputError ends the command with its message alone on standard
+    error and exit status 1, without a traceback (what `SystemExit(message)` does)."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except InputError as error:
+            raise SystemExit(str(error)) from None
+
+    return command
 
 
 def is_hidden(name: str) -> bool:
@@ -127,7 +147,7 @@ def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
     paths, labels, skipped = [], [], 0
     top = _scan_shallow(folder)
     if top.images:
-        raise SystemExit(
+        raise InputError(
             f"{flag} {folder} has images directly inside it ({_some(top.images)}): put them in one folder per class, "
             f"as in {LAYOUTS}."
         )
@@ -154,27 +174,27 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
       validation, test, or an alias such as val or dev); each of its subfolders is a class.
 
     Images below a class folder, at any depth, belong to that class. Hidden and system entries are skipped
-    (`is_hidden`). Raises SystemExit, naming `flag` and the folder, for a missing or empty folder, images outside
+    (`is_hidden`). Raises InputError, naming `flag` and the folder, for a missing or empty folder, images outside
     class folders, subfolders of both kinds, split-like folders that could equally be classes of unlabelled splits,
     non-split names in a SPLIT layout, and two folders for one split.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise SystemExit(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
     top = _scan_shallow(root)
     if not top.folders:
         found = f"only images ({_some(top.images)})" if top.images else "no images"
-        raise SystemExit(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
     shallow = {sub: _scan_shallow(sub) for sub in top.folders}
     # An empty folder is neither a class nor a split: leave it out.
     top.folders = [sub for sub in top.folders if shallow[sub].images or shallow[sub].folders]
     if not top.folders:
-        raise SystemExit(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
     holds_images = {sub: bool(shallow[sub].images) for sub in top.folders}
     split_named = {sub: sub.name.lower() in _SPLIT_OF_NAME for sub in top.folders}
     if all(holds_images.values()):
         if all(split_named.values()):
-            raise SystemExit(
+            raise InputError(
                 f"{flag} {root}: its folders ({', '.join(sub.name for sub in top.folders)}) are named like splits but "
                 "hold images directly, so they could be classes or unlabelled splits. Put each split's images in "
                 f"class folders ({root}/{top.folders[0].name}/CLASS/image), or give classes other names. Layouts read: "
@@ -185,13 +205,13 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
     if any(holds_images.values()):
         with_images = [sub.name for sub, has in holds_images.items() if has]
         without = [sub.name for sub, has in holds_images.items() if not has]
-        raise SystemExit(
+        raise InputError(
             f"{flag} {root} mixes class folders that hold images ({', '.join(with_images[:5])}) with folders that "
             f"hold only folders ({', '.join(without[:5])}). Lay it out as {LAYOUTS}."
         )
     not_splits = [sub.name for sub, named in split_named.items() if not named]
     if not_splits:
-        raise SystemExit(
+        raise InputError(
             f"{flag} {root}: its folders hold folders, as splits of class folders do, but {', '.join(not_splits[:5])} "
             f"{'is not a split name' if len(not_splits) == 1 else 'are not split names'}. Lay it out as {LAYOUTS}, "
             f"or point {flag} at a folder of class folders."
@@ -200,7 +220,7 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
     for sub in top.folders:
         split = _SPLIT_OF_NAME[sub.name.lower()]
         if split in splits:
-            raise SystemExit(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
+            raise InputError(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
         paths, labels, sub_skipped = _classes_in(sub, flag)
         splits[split] = (paths, labels)
         skipped += sub_skipped
@@ -219,14 +239,14 @@ def is_table_folder(folder: str | os.PathLike) -> bool:
 
 
 def check_disjoint(splits: dict[str, list[str]]) -> None:
-    """Raise SystemExit naming the files that two splits share (compared after resolving links)."""
+    """Raise InputError naming the files that two splits share (compared after resolving links)."""
     seen = {}
     for split, paths in splits.items():
         for path in paths:
             real = os.path.realpath(path)
             if real in seen and seen[real][0] != split:
                 other, other_path = seen[real]
-                raise SystemExit(
+                raise InputError(
                     f"{path} is in both the {other} and the {split} split (as {other_path}): an image may be in one "
                     "split only. Give folders that do not overlap."
                 )
@@ -234,26 +254,26 @@ def check_disjoint(splits: dict[str, list[str]]) -> None:
 
 
 def label_kind(feature, column: str, data: str) -> str:
-    """"names" (ClassLabel or strings), or "ids" (integers) for a label column; SystemExit for anything else."""
+    """"names" (ClassLabel or strings), or "ids" (integers) for a label column; InputError for anything else."""
     if isinstance(feature, datasets.ClassLabel):
         return "names"
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return "names"
     if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         return "ids"
-    raise SystemExit(
+    raise InputError(
         f"The label column {column!r} of {data} holds {feature}: it must hold one class per image, as class names "
         "(strings or a ClassLabel) or class indices (integers). Choose the column with --label_column_name."
     )
 
 
 def label_values(split: datasets.Dataset, column: str, data: str) -> list:
-    """The column's labels, ClassLabel indices turned into their names; SystemExit naming rows without a label."""
+    """The column's labels, ClassLabel indices turned into their names; InputError naming rows without a label."""
     feature = split.features[column]
     values = split[column]
     missing = [row for row, value in enumerate(values) if value is None or value != value]  # None, or NaN from CSV
     if missing:
-        raise SystemExit(
+        raise InputError(
             f"{len(missing)} rows of {data} have no value in the label column {column!r} (rows "
             f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''}): label or remove them."
         )
@@ -277,9 +297,11 @@ def ids_out_of_range_message(bad: list[int], num_labels: int, whose: str) -> str
     )
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """Whether `name` can be a Hub repository id of the form owner/name (every FFVT model on the Hub has an owner)."""
-    if name.count("/") != 1:
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` names a Hub repository rather than something local: no file or folder of that name exists, and
+    it has the form owner/name (every FFVT model on the Hub has an owner, and so do data sets since the Hub gave the
+    old canonical ones owners). Checked here rather than by the Hub, so that a mistyped folder is named at once."""
+    if name is None or os.path.exists(name) or name.count("/") != 1:
         return False
     try:
         validate_repo_id(name)
@@ -289,29 +311,29 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_model_name(name: str, flag: str = "--model") -> None:
-    """Raise SystemExit at once for a model name that is neither a folder nor a possible Hub id, instead of letting
+    """Raise InputError at once for a model name that is neither a folder nor a possible Hub id, instead of letting
     transformers spend its network retries on it."""
     path = Path(name)
     if path.is_dir():
         return
     if path.exists():
-        raise SystemExit(
+        raise InputError(
             f"{flag} {name} is a file: give the folder the model was saved in (it holds config.json and "
             "model.safetensors), or a Hub id owner/name."
         )
-    if not looks_like_hub_id(name):
-        raise SystemExit(
+    if not is_hub_id(name):
+        raise InputError(
             f"{flag} {name}: there is no folder of that name (looked in {Path.cwd()}). Give the folder a model was "
             "saved in (train_hf.py's --output_dir), or a Hub id of the form owner/name."
         )
 
 
-def model_load_error(name: str, error: Exception, flag: str = "--model") -> SystemExit:
+def model_load_error(name: str, error: Exception, flag: str = "--model") -> InputError:
     """The message for a model that `from_pretrained` could not load: a Hub id out of reach, or a broken folder."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).is_dir():
-        return SystemExit(f"{flag} {name}: cannot load the model saved in this folder: {reason}")
-    return SystemExit(
+        return InputError(f"{flag} {name}: cannot load the model saved in this folder: {reason}")
+    return InputError(
         f"{flag} {name}: cannot load it from the Hub ({reason}), and there is no local folder of that name either. "
         "Check the name and your connection, or give the folder a model was saved in."
     )
@@ -331,7 +353,7 @@ def quiet_progress_bars():
 
 
 def load_classifier(name: str, flag: str = "--model", with_processor: bool = True, **from_pretrained_kwargs):
-    """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or SystemExit
+    """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or InputError
     saying why they cannot be loaded."""
     check_model_name(name, flag)
     try:
@@ -356,7 +378,7 @@ def load_data(name: str, flag: str, image_column: str, label_column: str, defaul
     try:
         return datasets.load_dataset(name), None
     except (FileNotFoundError, ValueError) as error:  # a missing Hub data set is a FileNotFoundError
-        raise SystemExit(f"{flag} {name}: cannot load the data set: {error}") from None
+        raise InputError(f"{flag} {name}: cannot load the data set: {error}") from None
     finally:
         if local:
             datasets.enable_progress_bars()

@@ -18,7 +18,7 @@ from PIL import Image
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import patch_grid
 from .data import find_unreadable_images, load_rgb
-from .inputs import IMAGE_EXTENSIONS, load_classifier, scan_images, skipped_note
+from .inputs import IMAGE_EXTENSIONS, InputError, exits_on_input_error, load_classifier, scan_images, skipped_note
 from .selection_map import draw_selection_map, model_input_image
 
 
@@ -48,7 +48,7 @@ def find_images(paths) -> list[Path]:
     """The image files among `paths` (files as given, folders searched recursively by extension, hidden and system
     files left out), in order.
 
-    Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image; prints
+    Raises InputError naming every missing path, image-less folder and file that cannot be read as an image; prints
     to standard error how many hidden or system entries were skipped, when any were.
     """
     files, problems, skipped = [], [], 0
@@ -66,7 +66,7 @@ def find_images(paths) -> list[Path]:
     files = list(dict.fromkeys(files))
     problems += [f"{path}: not a readable image ({reason})" for path, reason in find_unreadable_images(files)]
     if problems:
-        raise SystemExit("cannot use these inputs:\n  " + "\n  ".join(problems))
+        raise InputError("cannot use these inputs:\n  " + "\n  ".join(problems))
     note = skipped_note(skipped, ", ".join(str(path) for path in paths if Path(path).is_dir()))
     if note:
         print(note, file=sys.stderr)
@@ -130,6 +130,7 @@ def print_table(results):
             print(f"selection map of {result['file']}: {result['selection_map']}")
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
