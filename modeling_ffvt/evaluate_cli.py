@@ -27,11 +27,9 @@ from .inputs import (
     label_kind,
     label_values,
     load_classifier,
-    load_data,
     unknown_names_message,
 )
-
-DEFAULT_SPLITS = ("test", "validation")
+from .splits import prepare_splits
 
 
 def parse_args(argv=None):
@@ -51,27 +49,13 @@ def parse_args(argv=None):
 
 def load_split(args) -> tuple[datasets.Dataset, str]:
     """The split to evaluate, with undecoded images (load_rgb reads them), and its name."""
-    flag, name = ("--data_dir", args.data_dir) if args.data_dir is not None else ("--dataset_name", args.dataset_name)
-    dataset, note = load_data(
-        name, flag, args.image_column_name, args.label_column_name, "all", images_only=args.data_dir is not None
+    data = prepare_splits(
+        dataset_name=args.dataset_name, data_dir=args.data_dir, image_column=args.image_column_name,
+        label_column=args.label_column_name, training=False, split=args.split,
     )
-    if note:
+    for note in data.notes:
         print(note, file=sys.stderr)
-    if args.split is not None:
-        split_name = args.split
-    else:
-        found = [split for split in DEFAULT_SPLITS if split in dataset] or (list(dataset) if len(dataset) == 1 else [])
-        if not found:
-            raise InputError(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
-        split_name = found[0]
-    if split_name not in dataset:
-        raise InputError(f"--split {split_name}: {name} has no such split, only {list(dataset)}.")
-    split = dataset[split_name]
-    for flag in ("--image_column_name", "--label_column_name"):
-        column = getattr(args, flag[2:])
-        if column not in split.column_names:
-            raise InputError(f"No column {column!r} in {name} (it has {split.column_names}): set {flag}.")
-    return split.cast_column(args.image_column_name, datasets.Image(decode=False)), split_name
+    return data.splits["validation"], data.evaluated
 
 
 def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
