@@ -101,6 +101,11 @@ def parse_args(argv=None):
         default=0.15,
         help="Fraction of train held out for validation when the data has no validation (or test) split.",
     )
+    data.add_argument(
+        "--eval_split",
+        help="The split of --dataset_name to evaluate on (default: validation, else test, else --train_val_split of "
+        "train held out); 'train' holds that part of train out.",
+    )
     data.add_argument("--image_column_name", default="image", help="The column holding the images.")
     data.add_argument("--label_column_name", default="label", help="The column holding the labels.")
     data.add_argument("--max_train_samples", type=int, help="Train on a random subset of this size.")
@@ -209,7 +214,8 @@ def prepare_data(args) -> PreparedSplits:
     data = prepare_splits(
         dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
         image_column=args.image_column_name, label_column=args.label_column_name, train_val_split=args.train_val_split,
-        seed=args.seed, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        split=args.eval_split, seed=args.seed, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
     )
     for note in data.notes:
         logger.warning(note)
@@ -350,6 +356,7 @@ class Plan:
     max_train_steps: int
     steps_per_epoch: int
     evaluated: str  # the split evaluated, as the data names it, or the part held out of train
+    held_out: float | None  # the fraction of train held out for evaluation, if that is what was evaluated
 
 
 @dataclass
@@ -578,6 +585,8 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
         num_classes=len(config.id2label),
         hyperparameters=hyperparameters,
         best=best,
+        evaluated=plan.evaluated,
+        held_out=plan.held_out,
     )
 
 
@@ -640,7 +649,7 @@ def main(argv=None):
     optimizer, lr_scheduler, steps_per_epoch, max_train_steps = make_optimizer(
         args, model, train_dataloader, accelerator
     )
-    plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated)
+    plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated, data.held_out)
     run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader), plan)
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}

@@ -38,6 +38,8 @@ SPLIT_NAMES = {
 _SPLIT_OF_NAME = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
 # Files that make a folder a table data set for `load_dataset(folder)` rather than an image folder.
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"})
+# The tables datasets' image folder builder reads beside images: a file_name column and any others.
+METADATA_NAMES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 LAYOUTS = "FOLDER/CLASS/image files, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
 
 
@@ -58,6 +60,11 @@ def exits_on_input_error(main):
             raise SystemExit(str(error)) from None
 
     return command
+
+
+def split_named(name: str) -> str | None:
+    """The split a folder name stands for ("val" -> "validation"; case ignored), or None for other names."""
+    return _SPLIT_OF_NAME.get(name.lower())
 
 
 def is_hidden(name: str) -> bool:
@@ -100,12 +107,26 @@ def skipped_note(skipped: int, where: str) -> str | None:
     )
 
 
+def empty_folders_note(empty: list[Path]) -> str | None:
+    """A line naming the folders left out for holding no images (a class folder among them means a class fewer);
+    None when there are none."""
+    if not empty:
+        return None
+    shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    return (
+        f"Left out {len(empty)} empty folder{'s' if len(empty) > 1 else ''} (no images, so no class): {shown}. Put "
+        "images in them, or remove them."
+    )
+
+
 @dataclass
 class ImageFolder:
-    """An image folder read as splits of (image path, class name) pairs; `skipped` as in `FolderScan`."""
+    """An image folder read as splits of (image path, class name) pairs; `skipped` as in `FolderScan`; `empty`, the
+    class (or split) folders left out because they hold no images."""
 
     splits: dict[str, tuple[list[str], list[str]]]
     skipped: int
+    empty: list[Path] = field(default_factory=list)
 
     @property
     def class_names(self) -> list[str]:
@@ -142,9 +163,10 @@ def _scan_shallow(folder: Path) -> _Shallow:
     )
 
 
-def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
-    """(paths, class names, skipped) of FOLDER/CLASS/... trees: the class is the first folder below `folder`."""
-    paths, labels, skipped = [], [], 0
+def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int, list[Path]]:
+    """(paths, class names, skipped, class folders without images) of FOLDER/CLASS/... trees: the class is the first
+    folder below `folder`."""
+    paths, labels, skipped, empty = [], [], 0, []
     top = _scan_shallow(folder)
     if top.images:
         raise InputError(
@@ -157,7 +179,9 @@ def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
         skipped += scan.skipped
         paths += [str(path) for path in scan.images]
         labels += [class_folder.name] * len(scan.images)
-    return paths, labels, skipped
+        if not scan.images:
+            empty.append(class_folder)
+    return paths, labels, skipped, empty
 
 
 def _some(paths: list[Path], count: int = 3) -> str:
@@ -186,8 +210,9 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
         found = f"only images ({_some(top.images)})" if top.images else "no images"
         raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
     shallow = {sub: _scan_shallow(sub) for sub in top.folders}
-    # An empty folder is neither a class nor a split: leave it out.
-    top.folders = [sub for sub in top.folders if shallow[sub].images or shallow[sub].folders]
+    # An empty folder is neither a class nor a split: leave it out, and say so (a class would be missing).
+    empty = [sub for sub in top.folders if not (shallow[sub].images or shallow[sub].folders)]
+    top.folders = [sub for sub in top.folders if sub not in empty]
     if not top.folders:
         raise InputError(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
     holds_images = {sub: bool(shallow[sub].images) for sub in top.folders}
@@ -200,8 +225,8 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
                 f"class folders ({root}/{top.folders[0].name}/CLASS/image), or give classes other names. Layouts read: "
                 f"{LAYOUTS}."
             )
-        paths, labels, skipped = _classes_in(root, flag)
-        return ImageFolder({default_split: (paths, labels)}, skipped)
+        paths, labels, skipped, empty_classes = _classes_in(root, flag)
+        return ImageFolder({default_split: (paths, labels)}, skipped, empty + empty_classes)
     if any(holds_images.values()):
         with_images = [sub.name for sub, has in holds_images.items() if has]
         without = [sub.name for sub, has in holds_images.items() if not has]
@@ -221,36 +246,77 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
         split = _SPLIT_OF_NAME[sub.name.lower()]
         if split in splits:
             raise InputError(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
-        paths, labels, sub_skipped = _classes_in(sub, flag)
+        paths, labels, sub_skipped, empty_classes = _classes_in(sub, flag)
         splits[split] = (paths, labels)
         skipped += sub_skipped
-    return ImageFolder(splits, skipped)
+        empty += empty_classes
+    return ImageFolder(splits, skipped, empty)
 
 
 def is_table_folder(folder: str | os.PathLike) -> bool:
-    """Whether a local folder holds data files (CSV, JSON, Parquet, ...) that `load_dataset(folder)` reads as
-    tables, rather than images to read with `read_image_folder`."""
-    return any(
-        Path(name).suffix.lower() in TABLE_EXTENSIONS
-        for _, _, files in os.walk(folder)
-        for name in files
-        if not is_hidden(name)
-    )
+    """Whether a local folder is a data set of tables for `load_dataset(folder)` (CSV, JSON, Parquet, ... files whose
+    rows locate images kept elsewhere) rather than an image folder for `read_image_folder`: it holds tables and no
+    images. Tables beside images (a metadata.csv of bounding boxes, as many FGVC sets ship) leave it an image folder,
+    whose labels come from its class folders (or from `metadata_labels`)."""
+    tables = False
+    for top, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        visible = [Path(name) for name in files if not is_hidden(name)]
+        if any(is_image_file(path) for path in visible):
+            return False
+        tables = tables or any(path.suffix.lower() in TABLE_EXTENSIONS for path in visible)
+    return tables
 
 
-def check_disjoint(splits: dict[str, list[str]]) -> None:
-    """Raise InputError naming the files that two splits share (compared after resolving links)."""
-    seen = {}
-    for split, paths in splits.items():
-        for path in paths:
-            real = os.path.realpath(path)
-            if real in seen and seen[real][0] != split:
-                other, other_path = seen[real]
+def _read_table(path: Path):
+    """A metadata table as a pandas DataFrame (pandas comes with `datasets`)."""
+    import pandas
+
+    if path.suffix == ".csv":
+        return pandas.read_csv(path)
+    if path.suffix == ".jsonl":
+        return pandas.read_json(path, lines=True)
+    return pandas.read_parquet(path)
+
+
+def metadata_labels(folder: str | os.PathLike, label_column: str) -> tuple[dict[str, str], list[Path]]:
+    """({resolved image path: label as a string}, the tables read) from the metadata tables below `folder` that have
+    a `label_column` column: datasets' convention (METADATA_NAMES), whose `file_name` column locates each image
+    relative to the table's folder. Tables without that column are not read for labels. Raises InputError for such a
+    table without a `file_name` column."""
+    labels, tables = {}, []
+    for top, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        for name in sorted(set(files) & METADATA_NAMES):
+            table = _read_table(Path(top, name))
+            if label_column not in table.columns:
+                continue
+            if "file_name" not in table.columns:
                 raise InputError(
-                    f"{path} is in both the {other} and the {split} split (as {other_path}): an image may be in one "
-                    "split only. Give folders that do not overlap."
+                    f"{Path(top, name)} has a {label_column!r} column but no 'file_name' column: add one with each "
+                    "image's path relative to the table, or rename the label column to take labels from the class "
+                    "folders."
                 )
-            seen[real] = (split, path)
+            tables.append(Path(top, name))
+            for file_name, label in zip(table["file_name"], table[label_column]):
+                labels[os.path.realpath(Path(top, file_name))] = str(label)
+    return labels, tables
+
+
+def relabel_from_tables(folder: ImageFolder, labels: dict[str, str], tables: list[Path], flag: str) -> ImageFolder:
+    """`folder` with each image's class taken from `labels` (see `metadata_labels`) instead of its class folder.
+    Raises InputError naming images that no table lists."""
+    splits, unlisted = {}, []
+    for split, (paths, _) in folder.splits.items():
+        unlisted += [path for path in paths if os.path.realpath(path) not in labels]
+        splits[split] = (paths, [labels.get(os.path.realpath(path)) for path in paths])
+    if unlisted:
+        raise InputError(
+            f"{flag}: the label tables {', '.join(map(str, tables[:3]))} list no row for {len(unlisted)} images "
+            f"({_some([Path(path) for path in unlisted])}): give every image a row, or drop the label column to take "
+            "labels from the class folders."
+        )
+    return ImageFolder(splits, folder.skipped, folder.empty)
 
 
 def label_kind(feature, column: str, data: str) -> str:
@@ -267,11 +333,19 @@ def label_kind(feature, column: str, data: str) -> str:
     )
 
 
+def unlabelled_rows(split: datasets.Dataset, column: str) -> list[int]:
+    """Rows without a label: None, NaN (an empty CSV cell) or, in a ClassLabel column, -1, which `datasets` writes
+    for "no label" (Hub test splits often are unlabelled): never a class, least of all the last one."""
+    no_label = -1 if isinstance(split.features[column], datasets.ClassLabel) else None
+    return [row for row, value in enumerate(split[column])
+            if value is None or value != value or (no_label is not None and value == no_label)]
+
+
 def label_values(split: datasets.Dataset, column: str, data: str) -> list:
     """The column's labels, ClassLabel indices turned into their names; InputError naming rows without a label."""
     feature = split.features[column]
     values = split[column]
-    missing = [row for row, value in enumerate(values) if value is None or value != value]  # None, or NaN from CSV
+    missing = unlabelled_rows(split, column)
     if missing:
         raise InputError(
             f"{len(missing)} rows of {data} have no value in the label column {column!r} (rows "
@@ -366,17 +440,26 @@ def load_classifier(name: str, flag: str = "--model", with_processor: bool = Tru
 
 
 def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False):
-    """(DatasetDict, note on skipped entries or None) of a local image folder (`read_image_folder`, its columns
-    named `image_column` and `label_column`), or, unless `images_only`, of what `datasets.load_dataset(name)` reads:
-    a Hub data set or a folder of tables. Progress bars stay off for local data, which nothing downloads."""
+    """(DatasetDict, notes for the user) of a local image folder (`read_image_folder`, its columns named
+    `image_column` and `label_column`, its labels from metadata tables that have `label_column`, else from its class
+    folders), or, unless `images_only`, of what `datasets.load_dataset(name)` reads: a Hub data set or a folder of
+    tables. Progress bars stay off for local data, which nothing downloads."""
     if images_only or (os.path.isdir(name) and not is_table_folder(name)):
         folder = read_image_folder(name, flag, default_split)
-        return folder.to_dataset_dict(image_column, label_column), skipped_note(folder.skipped, name)
+        notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
+        labels, tables = metadata_labels(name, label_column)
+        if tables:
+            folder = relabel_from_tables(folder, labels, tables, f"{flag} {name}")
+            notes.append(
+                f"Labels of {name} come from the {label_column!r} column of {', '.join(map(str, tables))}, not from "
+                "its class folders."
+            )
+        return folder.to_dataset_dict(image_column, label_column), [note for note in notes if note]
     local = os.path.isdir(name)
     if local:
         datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(name), None
+        return datasets.load_dataset(name), []
     except (FileNotFoundError, ValueError) as error:  # a missing Hub data set is a FileNotFoundError
         raise InputError(f"{flag} {name}: cannot load the data set: {error}") from None
     finally:

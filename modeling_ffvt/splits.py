@@ -5,8 +5,10 @@ Everything here runs before a model exists and raises `InputError` naming the fl
 involved; the commands print that message alone.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 from accelerate.utils import broadcast_object_list
@@ -15,14 +17,16 @@ from .data import find_unreadable_images
 from .inputs import (
     ImageFolder,
     InputError,
-    check_disjoint,
+    empty_folders_note,
     ids_out_of_range_message,
     label_kind,
     label_values,
     load_data,
     read_image_folder,
     skipped_note,
+    split_named,
     unknown_names_message,
+    unlabelled_rows,
 )
 
 # Where each command looks for the split to evaluate when none is named: training keeps test for last, since a
@@ -37,9 +41,10 @@ class PreparedSplits:
 
     `splits` holds "validation", the split evaluated, and for training "train"; each keeps only the image column
     (undecoded, `datasets.Image(decode=False)`, so that `load_rgb` opens every image) and the label column.
-    `evaluated` is the evaluated split as the data names it ("test", "validation", ...) or, when it was held out of
-    train, a phrase saying so with its fraction; `chosen_by` says how it was chosen. `class_names` is set by
-    `encode_labels` (None for integer labels). `notes` are lines for the user.
+    `evaluated` is the evaluated split as the data names it ("test", "validation", ...; a --validation_dir folder
+    named like a split gives that split's name) or, when it was held out of train, "15% of train, held out" with
+    `held_out` its fraction; `chosen_by` says how it was chosen. `class_names` is set by `encode_labels` (None for
+    integer labels). `notes` are lines for the user.
     """
 
     splits: dict[str, datasets.Dataset]
@@ -47,6 +52,7 @@ class PreparedSplits:
     label_column: str
     evaluated: str
     chosen_by: str
+    held_out: float | None = None
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -59,14 +65,14 @@ class PreparedSplits:
 def read_data(
     *, dataset_name=None, train_dir=None, validation_dir=None, data_dir=None, image_column="image",
     label_column="label", default_split="train",
-) -> tuple[datasets.DatasetDict, str | None]:
-    """(the data as a DatasetDict, a note on skipped hidden entries or None) from exactly one of `dataset_name` (a Hub
-    data set or a local folder), `data_dir` (an image folder) or `train_dir` with an optional `validation_dir`
-    (FOLDER/CLASS/files each, one set of classes for both)."""
+) -> tuple[datasets.DatasetDict, list[str]]:
+    """(the data as a DatasetDict, notes for the user) from exactly one of `dataset_name` (a Hub data set or a local
+    folder), `data_dir` (an image folder) or `train_dir` with an optional `validation_dir` (FOLDER/CLASS/files
+    each, one set of classes for both)."""
     if dataset_name is not None or data_dir is not None:
         flag, name = ("--dataset_name", dataset_name) if dataset_name is not None else ("--data_dir", data_dir)
         return load_data(name, flag, image_column, label_column, default_split, images_only=data_dir is not None)
-    splits, skipped = {}, 0
+    splits, skipped, empty = {}, 0, []
     folders = (("train", "--train_dir", train_dir), ("validation", "--validation_dir", validation_dir))
     for split, flag, folder in folders:
         if folder is None:
@@ -77,22 +83,54 @@ def read_data(
                 f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
                 f"one split's folder, or give the whole folder as --dataset_name {folder}."
             )
-        splits[split], skipped = found.splits[split], skipped + found.skipped
+        splits[split], skipped, empty = found.splits[split], skipped + found.skipped, empty + found.empty
     dataset = ImageFolder(splits, skipped).to_dataset_dict(image_column, label_column)
-    return dataset, skipped_note(skipped, " and ".join(f for _, _, f in folders if f is not None))
+    notes = [skipped_note(skipped, " and ".join(f for _, _, f in folders if f is not None)), empty_folders_note(empty)]
+    return dataset, [note for note in notes if note]
 
 
-def _evaluation_split(dataset, name: str, split: str | None, order: tuple[str, ...], training: bool):
-    """(split name or None for a part held out of train, how it was chosen)."""
+def _rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+
+
+def _labelled(dataset, split: str, column: str) -> bool:
+    """Whether a split has at least one labelled row (a missing column is left to the column check)."""
+    part = dataset[split]
+    return column not in part.column_names or len(unlabelled_rows(part, column)) < len(part)
+
+
+def _evaluation_split(dataset, name: str, split: str | None, training: bool, column: str, train_val_split: float):
+    """(split name, or None for a part held out of train; how it was chosen). Splits without labels are never
+    chosen by default, and refused when named."""
+    flag = "--eval_split" if training else "--split"
+    labelled = [key for key in dataset if _labelled(dataset, key, column) and not (training and key == "train")]
+    others = "No other split is labelled"
+    if labelled:
+        others = f"Choose a labelled split with {flag} ({', '.join(labelled)})"
+    if training:
+        others += f"; or hold out --train_val_split ({train_val_split:.0%}) of train with {flag} train"
     if split is not None:
+        if training and split == "train":
+            return None, f"{flag} train"
         if split not in dataset:
-            raise InputError(f"--split {split}: {name} has no such split, only {list(dataset)}.")
-        return split, "--split"
-    found = [candidate for candidate in order if candidate in dataset]
+            raise InputError(f"{flag} {split}: {name} has no such split, only {list(dataset)}.")
+        if split not in labelled:
+            raise InputError(
+                f"{flag} {split}: the {split} split of {name} has no labels (its {len(dataset[split])} rows are all "
+                f"unlabelled), so it cannot score a model. {others}."
+            )
+        return split, flag
+    order = TRAINING_ORDER if training else EVALUATION_ORDER
+    found = [key for key in order if key in dataset]
+    if found and found[0] not in labelled:
+        raise InputError(
+            f"The {found[0]} split of {name}, evaluated by default, has no labels (its {len(dataset[found[0]])} rows "
+            f"are all unlabelled), so it cannot score a model. {others}."
+        )
     if found:
         return found[0], f"the first of {', '.join(order)} the data has"
     if training:
-        return None, "--train_val_split, since the data has no validation or test split"
+        return None, "no validation or test split in the data"
     if len(dataset) == 1:
         return next(iter(dataset)), "the data's only split"
     raise InputError(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
@@ -106,51 +144,90 @@ def prepare_splits(
 ) -> PreparedSplits:
     """Read the data (see `read_data`) and choose, check and trim its splits for training or evaluation.
 
-    The split evaluated is `split` when given; otherwise, for training, validation, else test, else a random
-    `train_val_split` fraction of train held out (seeded by `seed`); for evaluation, test, else validation, else the
-    only split. `max_train_samples` and `max_eval_samples` keep a random subset (seeded by `seed`). Raises
-    InputError for a missing train split (training), an unknown or unclear split, a missing column, and images that
-    two splits share.
+    The split evaluated is `split` when given (for training, "train" holds a part of train out); otherwise, for
+    training, validation, else test, else a random `train_val_split` fraction of train held out (seeded by
+    `seed`); for evaluation, test, else validation, else the only split. A split without labels is never evaluated.
+    Training leaves rows without a label (`unlabelled_rows`) out of both splits, with a note; evaluation keeps them,
+    and `label_values` names them. `max_train_samples` and `max_eval_samples` keep a random subset (seeded by
+    `seed`). Raises InputError for a missing train split (training), an unknown, unclear or unlabelled split, a
+    missing column, and images that two splits share.
     """
     name = dataset_name or data_dir or train_dir
-    dataset, note = read_data(
+    dataset, notes = read_data(
         dataset_name=dataset_name, train_dir=train_dir, validation_dir=validation_dir, data_dir=data_dir,
         image_column=image_column, label_column=label_column, default_split="train" if training else "all",
     )
     if training and "train" not in dataset:
         raise InputError(f"The data set has no train split, only {list(dataset)}.")
-    order = TRAINING_ORDER if training else EVALUATION_ORDER
-    evaluated, chosen_by = _evaluation_split(dataset, name, split, order, training)
+    evaluated, chosen_by = _evaluation_split(dataset, name, split, training, label_column, train_val_split)
     splits = {"train": dataset["train"]} if training else {}
-    if evaluated is None:
-        held_out = dataset["train"].train_test_split(test_size=train_val_split, seed=seed)
-        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
-        evaluated = f"{train_val_split:.0%} of train, held out"
-    else:
+    if evaluated is not None:
         splits["validation"] = dataset[evaluated]
     for flag, column in (("--image_column_name", image_column), ("--label_column_name", label_column)):
         for part in splits.values():
             if column not in part.column_names:
                 raise InputError(f"No column {column!r} in {name} (it has {part.column_names}): set {flag}.")
+    if training:
+        for key, part in splits.items():
+            rows = unlabelled_rows(part, label_column)
+            if len(rows) == len(part):  # never the evaluated split, which _evaluation_split refuses
+                raise InputError(f"The train split of {name} has no labels (its {len(part)} rows are all unlabelled).")
+            if rows:
+                dropped = set(rows)
+                splits[key] = part.select([row for row in range(len(part)) if row not in dropped])
+                notes.append(f"Left out {len(rows)} rows of the {'train' if key == 'train' else evaluated} split of "
+                             f"{name} that have no label (rows {_rows(rows)}): they are no class to learn or score.")
+    held_out = None
+    if evaluated is None:
+        parts = splits["train"].train_test_split(test_size=train_val_split, seed=seed)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+        evaluated, held_out = f"{train_val_split:.0%} of train, held out", train_val_split
+    elif validation_dir is not None and evaluated == "validation":
+        evaluated = split_named(Path(validation_dir).name) or "validation"  # cub/test is a test split
     for key, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
         if limit is not None and key in splits:
             splits[key] = splits[key].shuffle(seed=seed).select(range(min(limit, len(splits[key]))))
     undecoded = datasets.Image(decode=False)
     splits = {key: part.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
               for key, part in splits.items()}
-    if training and (dataset_name is None or os.path.isdir(dataset_name)):  # Hub data sets name images by file name
-        check_disjoint({key: [entry["path"] for entry in part[image_column] if entry["path"]]
-                        for key, part in splits.items()})
-    return PreparedSplits(splits, image_column, label_column, evaluated, chosen_by, notes=[note] if note else [])
+    if training:
+        check_disjoint(splits, image_column, {"train": "train", "validation": evaluated})
+    return PreparedSplits(splits, image_column, label_column, evaluated, chosen_by, held_out, notes=notes)
 
 
-def find_unreadable_rows(split, column):
-    """(row, path, reason) for every image of the split that load_rgb rejects; embedded images without a path are
-    named by their row."""
-    entries = split[column]
-    names = [entry["path"] or f"<row {row}>" for row, entry in enumerate(entries)]
+def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict[str, str]) -> None:
+    """Raise InputError naming an image that two splits share (`names` gives each split's name for the message).
+    Files are compared by resolved path (links included); embedded images by content, since the names they keep
+    (000.png, ...) repeat across rows and classes."""
+    seen = {}
+    for key, part in splits.items():
+        entries = (entry for batch in part.select_columns([column]).iter(batch_size=256) for entry in batch[column])
+        for row, entry in enumerate(entries):
+            if entry["bytes"] is not None:
+                identity = hashlib.sha256(entry["bytes"]).digest()
+                shown = f"{names[key]} row {row} ({entry['path'] or 'no file name'})"
+            elif entry["path"]:
+                identity, shown = os.path.realpath(entry["path"]), entry["path"]
+            else:
+                continue
+            if identity in seen and seen[identity][0] != key:
+                other, other_shown = seen[identity]
+                raise InputError(
+                    f"{shown} is in both the {names[other]} and the {names[key]} split (as {other_shown}): an image "
+                    "may be in one split only. Give data whose splits do not overlap."
+                )
+            seen.setdefault(identity, (key, shown))
+
+
+def find_unreadable_rows(part: datasets.Dataset, column: str, key: str) -> list[tuple[int, str, str]]:
+    """(row, name, reason) for every image of split `key` that load_rgb rejects. A file is named "key: its path";
+    an embedded image "key row N (its file name)", since the names embedded images keep repeat across rows."""
+    entries = part[column]
+    names = [entry["path"] if entry["bytes"] is None else f"{key} row {row} ({entry['path'] or 'no file name'})"
+             for row, entry in enumerate(entries)]
     reasons = dict(find_unreadable_images({**entry, "path": name} for entry, name in zip(entries, names)))
-    return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
+    return [(row, name if entries[row]["bytes"] is not None else f"{key}: {name}", reasons[name])
+            for row, name in enumerate(names) if name in reasons]
 
 
 def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator) -> int:
@@ -159,9 +236,9 @@ def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator) ->
     Raises InputError for a split left empty."""
     found = None
     if accelerator.is_main_process:
-        found = {key: find_unreadable_rows(part, prepared.image_column) for key, part in prepared.splits.items()}
+        found = {key: find_unreadable_rows(part, prepared.image_column, key) for key, part in prepared.splits.items()}
     found = broadcast_object_list([found])[0]
-    bad = [f"  {key}: {path} ({reason})" for key, rows in found.items() for _, path, reason in rows]
+    bad = [f"  {name} ({reason})" for rows in found.values() for _, name, reason in rows]
     if bad and not skip:
         raise InputError(
             f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
