@@ -113,9 +113,10 @@ def empty_folders_note(empty: list[Path]) -> str | None:
     if not empty:
         return None
     shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    one = len(empty) == 1
     return (
-        f"Left out {len(empty)} empty folder{'s' if len(empty) > 1 else ''} (no images, so no class): {shown}. Put "
-        "images in them, or remove them."
+        f"Left out {len(empty)} empty folder{'' if one else 's'} (no images, so no class): {shown}. Put images in "
+        f"{'it' if one else 'them'}, or remove {'it' if one else 'them'}."
     )
 
 
@@ -184,6 +185,15 @@ def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int, lis
     return paths, labels, skipped, empty
 
 
+def _has_images(folder: Path) -> bool:
+    """Whether any image file lies below `folder` (outside hidden folders); stops at the first one."""
+    for _, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        if any(is_image_file(Path(name)) for name in files):
+            return True
+    return False
+
+
 def _some(paths: list[Path], count: int = 3) -> str:
     names = ", ".join(path.name for path in paths[:count])
     return names + (f" and {len(paths) - count} more" if len(paths) > count else "")
@@ -211,7 +221,7 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
         raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
     shallow = {sub: _scan_shallow(sub) for sub in top.folders}
     # An empty folder is neither a class nor a split: leave it out, and say so (a class would be missing).
-    empty = [sub for sub in top.folders if not (shallow[sub].images or shallow[sub].folders)]
+    empty = [sub for sub in top.folders if not (shallow[sub].images or _has_images(sub))]
     top.folders = [sub for sub in top.folders if sub not in empty]
     if not top.folders:
         raise InputError(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
@@ -226,7 +236,7 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
                 f"{LAYOUTS}."
             )
         paths, labels, skipped, empty_classes = _classes_in(root, flag)
-        return ImageFolder({default_split: (paths, labels)}, skipped, empty + empty_classes)
+        return ImageFolder({default_split: (paths, labels)}, skipped, empty_classes)  # `empty` among them
     if any(holds_images.values()):
         with_images = [sub.name for sub, has in holds_images.items() if has]
         without = [sub.name for sub, has in holds_images.items() if not has]

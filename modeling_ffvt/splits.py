@@ -121,14 +121,15 @@ def _evaluation_split(dataset, name: str, split: str | None, training: bool, col
             )
         return split, flag
     order = TRAINING_ORDER if training else EVALUATION_ORDER
-    found = [key for key in order if key in dataset]
-    if found and found[0] not in labelled:
-        raise InputError(
-            f"The {found[0]} split of {name}, evaluated by default, has no labels (its {len(dataset[found[0]])} rows "
-            f"are all unlabelled), so it cannot score a model. {others}."
-        )
+    present = [key for key in order if key in dataset]
+    found = [key for key in present if key in labelled]
     if found:
-        return found[0], f"the first of {', '.join(order)} the data has"
+        return found[0], f"the first labelled one of {', '.join(order)}"
+    if present:
+        raise InputError(
+            f"The {present[0]} split of {name}, evaluated by default, has no labels (its {len(dataset[present[0]])} "
+            f"rows are all unlabelled), so it cannot score a model. {others}."
+        )
     if training:
         return None, "no validation or test split in the data"
     if len(dataset) == 1:
@@ -222,7 +223,7 @@ def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict
 def find_unreadable_rows(part: datasets.Dataset, column: str, key: str) -> list[tuple[int, str, str]]:
     """(row, name, reason) for every image of split `key` that load_rgb rejects. A file is named "key: its path";
     an embedded image "key row N (its file name)", since the names embedded images keep repeat across rows."""
-    entries = part[column]
+    entries = list(part[column])
     names = [entry["path"] if entry["bytes"] is None else f"{key} row {row} ({entry['path'] or 'no file name'})"
              for row, entry in enumerate(entries)]
     reasons = dict(find_unreadable_images({**entry, "path": name} for entry, name in zip(entries, names)))
