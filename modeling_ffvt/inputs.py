@@ -9,6 +9,7 @@ explicit file lists and class labels.
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,9 +347,9 @@ def label_kind(feature, column: str, data: str) -> str:
 def unlabelled_rows(split: datasets.Dataset, column: str) -> list[int]:
     """Rows without a label: None, NaN (an empty CSV cell) or, in a ClassLabel column, -1, which `datasets` writes
     for "no label" (Hub test splits often are unlabelled): never a class, least of all the last one."""
-    no_label = -1 if isinstance(split.features[column], datasets.ClassLabel) else None
+    class_label = isinstance(split.features[column], datasets.ClassLabel)
     return [row for row, value in enumerate(split[column])
-            if value is None or value != value or (no_label is not None and value == no_label)]
+            if value is None or (isinstance(value, float) and math.isnan(value)) or (class_label and value == -1)]
 
 
 def label_values(split: datasets.Dataset, column: str, data: str) -> list:

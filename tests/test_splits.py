@@ -317,10 +317,8 @@ def test_an_empty_class_folder_is_named_by_train_hf(tmp_path):
     (tmp_path / "train" / "owl").mkdir()
     class_folders(tmp_path / "validation", 2)
     prepared = prepare_splits(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
-    assert prepared.notes == [
-        f"Left out 1 empty folder (no images, so no class): {tmp_path / 'train' / 'owl'}. Put images in it, or "
-        "remove it."
-    ]
+    owl = tmp_path / "train" / "owl"
+    assert prepared.notes == [f"Left out 1 empty folder (no images, so no class): {owl}. Put images in it, or remove it."]
 
 
 # ---- one definition of a Hub id -------------------------------------------------------------------------------------
