@@ -290,14 +290,14 @@ def _read_table(path: Path):
     return pandas.read_parquet(path)
 
 
-def metadata_labels(folder: str | os.PathLike, label_column: str) -> tuple[dict[str, str], list[Path]]:
-    """({resolved image path: label as a string}, the tables read) from the metadata tables below `folder` that have
-    a `label_column` column: datasets' convention (METADATA_NAMES), whose `file_name` column locates each image
+def metadata_labels(folder: str | os.PathLike, label_column: str) -> dict[Path, list[tuple[str, str]]]:
+    """{table: [(image path, label as a string), ...]} of the metadata tables below `folder` that have a
+    `label_column` column: datasets' convention (METADATA_NAMES), whose `file_name` column locates each image
     relative to the table's folder. Tables without that column are not read for labels. Raises InputError for such a
     table without a `file_name` column."""
-    labels, tables = {}, []
+    tables = {}
     for top, folders, files in os.walk(folder):
-        folders[:] = [name for name in folders if not is_hidden(name)]
+        folders[:] = sorted(name for name in folders if not is_hidden(name))
         for name in sorted(set(files) & METADATA_NAMES):
             table = _read_table(Path(top, name))
             if label_column not in table.columns:
@@ -308,26 +308,38 @@ def metadata_labels(folder: str | os.PathLike, label_column: str) -> tuple[dict[
                     "image's path relative to the table, or rename the label column to take labels from the class "
                     "folders."
                 )
-            tables.append(Path(top, name))
-            for file_name, label in zip(table["file_name"], table[label_column]):
-                labels[os.path.realpath(Path(top, file_name))] = str(label)
-    return labels, tables
+            rows = zip(table["file_name"], table[label_column])
+            tables[Path(top, name)] = [(str(Path(top, file_name)), str(label)) for file_name, label in rows]
+    return tables
 
 
-def relabel_from_tables(folder: ImageFolder, labels: dict[str, str], tables: list[Path], flag: str) -> ImageFolder:
-    """`folder` with each image's class taken from `labels` (see `metadata_labels`) instead of its class folder.
-    Raises InputError naming images that no table lists."""
-    splits, unlisted = {}, []
-    for split, (paths, _) in folder.splits.items():
-        unlisted += [path for path in paths if os.path.realpath(path) not in labels]
-        splits[split] = (paths, [labels.get(os.path.realpath(path)) for path in paths])
+def read_labelled_tables(
+    folder: str | os.PathLike, tables: dict[Path, list[tuple[str, str]]], flag: str, default_split: str
+) -> ImageFolder:
+    """The images and labels that metadata tables (`metadata_labels`) list, whatever the folders they sit in: a
+    table in `folder` gives `default_split`, a table in a split folder (FOLDER/train/metadata.csv) that split.
+    Raises InputError for a table elsewhere and for images below `folder` that no table lists."""
+    root, splits = Path(folder), {}
+    for table, rows in tables.items():
+        split = default_split if table.parent == root else split_named(table.parent.name)
+        if split is None or table.parent not in (root, root / table.parent.name):
+            raise InputError(
+                f"{flag} {root}: the label table {table} must sit in {root} or in one of its split folders (train, "
+                "validation, test), to say which split its images belong to."
+            )
+        paths, labels = splits.setdefault(split, ([], []))
+        paths += [path for path, _ in rows]
+        labels += [label for _, label in rows]
+    listed = {os.path.realpath(path) for paths, _ in splits.values() for path in paths}
+    scan = scan_images(root)
+    unlisted = [path for path in scan.images if os.path.realpath(path) not in listed]
     if unlisted:
         raise InputError(
-            f"{flag}: the label tables {', '.join(map(str, tables[:3]))} list no row for {len(unlisted)} images "
-            f"({_some([Path(path) for path in unlisted])}): give every image a row, or drop the label column to take "
-            "labels from the class folders."
+            f"{flag} {root}: the label tables {', '.join(map(str, list(tables)[:3]))} list no row for {len(unlisted)} "
+            f"images ({_some(unlisted)}): give every image a row, or drop the label column to take labels from the "
+            "class folders."
         )
-    return ImageFolder(splits, folder.skipped, folder.empty)
+    return ImageFolder(splits, scan.skipped)
 
 
 def label_kind(feature, column: str, data: str) -> str:
@@ -456,15 +468,17 @@ def load_data(name: str, flag: str, image_column: str, label_column: str, defaul
     folders), or, unless `images_only`, of what `datasets.load_dataset(name)` reads: a Hub data set or a folder of
     tables. Progress bars stay off for local data, which nothing downloads."""
     if images_only or (os.path.isdir(name) and not is_table_folder(name)):
-        folder = read_image_folder(name, flag, default_split)
-        notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
-        labels, tables = metadata_labels(name, label_column)
+        tables = metadata_labels(name, label_column) if os.path.isdir(name) else {}
         if tables:
-            folder = relabel_from_tables(folder, labels, tables, f"{flag} {name}")
-            notes.append(
+            folder = read_labelled_tables(name, tables, flag, default_split)
+            notes = [
                 f"Labels of {name} come from the {label_column!r} column of {', '.join(map(str, tables))}, not from "
-                "its class folders."
-            )
+                "its folders.",
+                skipped_note(folder.skipped, name),
+            ]
+        else:
+            folder = read_image_folder(name, flag, default_split)
+            notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
         return folder.to_dataset_dict(image_column, label_column), [note for note in notes if note]
     local = os.path.isdir(name)
     if local:

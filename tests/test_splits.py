@@ -227,11 +227,31 @@ def test_a_metadata_table_with_the_label_column_gives_the_labels_and_says_so(tmp
             folder = entry["path"].split("/")[-2]
             assert dataset[split].features["genus"].names[label] == relabel[folder]
     assert len(notes) == 1 and f"metadata.{table_format}" in notes[0] and "'genus' column" in notes[0]
-    assert "not from its class folders" in notes[0]
+    assert "not from its folders" in notes[0]
     # An image no table lists is named.
     write_digits(tmp_path / "birds" / "train" / "crow", [100])
     with pytest.raises(InputError, match=r"list no row for 1 images \(100.png\)"):
         load_data(str(tmp_path / "birds"), "--dataset_name", "image", "genus", "train")
+
+
+@pytest.mark.parametrize("table_format", ["csv", "jsonl"])
+def test_a_metadata_table_labels_images_without_class_folders(tmp_path, table_format):
+    """datasets' own layout: SPLIT/images with SPLIT/metadata.* holding file_name and the label."""
+    for split, first in (("train", 0), ("test", 6)):
+        paths = write_digits(tmp_path / "birds" / split, range(first, first + 6))
+        rows = [{"file_name": path.name, "label": NAMES[row % 3]} for row, path in enumerate(paths)]
+        if table_format == "csv":
+            text = "file_name,label\n" + "".join(f"{row['file_name']},{row['label']}\n" for row in rows)
+        else:
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+        (tmp_path / "birds" / split / f"metadata.{table_format}").write_text(text)
+    prepared = prepare_splits(dataset_name=str(tmp_path / "birds"))
+    assert prepared.evaluated == "test" and any("come from the 'label' column" in note for note in prepared.notes)
+    assert encode_labels(prepared, "birds") == NAMES
+    for key, first in (("train", 0), ("validation", 6)):
+        names = [entry["path"].split("/")[-1] for entry in prepared.splits[key]["image"]]
+        assert names == [f"{index}.png" for index in range(first, first + 6)]
+        assert prepared.splits[key]["label"][:] == [0, 1, 2, 0, 1, 2]
 
 
 def test_evaluate_and_train_read_a_folder_with_metadata_by_its_class_folders(tmp_path, capsys):
