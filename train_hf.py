@@ -31,7 +31,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, LoggerType, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from huggingface_hub import create_repo, upload_folder, whoami
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -39,32 +39,21 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
-from modeling_ffvt.data import (
-    RECIPES,
-    FGVCTransform,
-    ImageClassificationDataset,
-    ProcessorTransform,
-    find_unreadable_images,
-)
+from modeling_ffvt.data import RECIPES, FGVCTransform, ImageClassificationDataset, ProcessorTransform
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
-    ImageFolder,
-    check_disjoint,
+    InputError,
     check_model_name,
-    ids_out_of_range_message,
-    label_kind,
-    label_values,
-    load_data,
+    exits_on_input_error,
+    is_hub_id,
     model_load_error,
     quiet_progress_bars,
-    read_image_folder,
-    skipped_note,
-    unknown_names_message,
 )
 from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 from modeling_ffvt.parameter_efficient import TrainingMethod, is_peft_model, parameter_counts, save_peft_model
+from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_images, encode_labels, prepare_splits
 
 logger = get_logger(__name__)
 
@@ -117,6 +106,11 @@ def parse_args(argv=None):
         type=float,
         default=0.15,
         help="Fraction of train held out for validation when the data has no validation (or test) split.",
+    )
+    data.add_argument(
+        "--eval_split",
+        help="The split of --dataset_name to evaluate on (default: validation, else test, else --train_val_split of "
+        "train held out); 'train' holds that part of train out.",
     )
     data.add_argument("--image_column_name", default="image", help="The column holding the images.")
     data.add_argument("--label_column_name", default="label", help="The column holding the labels.")
@@ -200,8 +194,7 @@ def parse_args(argv=None):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
     check_flag_values(parser, args)
     try:
-        args.method = TrainingMethod(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                                     args.freeze_backbone)
+        training_method(args)
     except ValueError as error:
         parser.error(str(error))
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
@@ -210,6 +203,13 @@ def parse_args(argv=None):
             "to replace it, or --resume_from_checkpoint to continue the run that wrote it.\n"
         ))
     return args
+
+
+def training_method(args) -> TrainingMethod:
+    """Which weights train (all, LoRA adapters, or the fusion layer and head alone), from the flags; ValueError for
+    flags that contradict each other."""
+    return TrainingMethod(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                          args.freeze_backbone)
 
 
 # The smallest value each numeric flag takes, and whether that value itself is allowed.
@@ -345,7 +345,7 @@ def make_digits_folder(root):
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("--demo takes its images from scikit-learn: pip install scikit-learn") from None
+        raise InputError("--demo takes its images from scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     root.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so that an interrupted run leaves no half-written folder behind.
@@ -360,129 +360,17 @@ def make_digits_folder(root):
     staging.rename(root)
 
 
-def read_data(args):
-    """The data as a DatasetDict, from --dataset_name or from --train_dir and --validation_dir (FOLDER/CLASS/files
-    each, with one set of classes for both)."""
-    if args.dataset_name is not None:
-        dataset, note = load_data(
-            args.dataset_name, "--dataset_name", args.image_column_name, args.label_column_name, default_split="train"
-        )
-    else:
-        splits, skipped = {}, 0
-        folders = (("train", "--train_dir", args.train_dir), ("validation", "--validation_dir", args.validation_dir))
-        for split, flag, folder in folders:
-            if folder is None:
-                continue
-            found = read_image_folder(folder, flag, default_split=split)
-            if list(found.splits) != [split]:
-                raise SystemExit(
-                    f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
-                    f"one split's folder, or give the whole folder as --dataset_name {folder}."
-                )
-            splits[split], skipped = found.splits[split], skipped + found.skipped
-        folder = ImageFolder(splits, skipped)
-        dataset = folder.to_dataset_dict(args.image_column_name, args.label_column_name)
-        note = skipped_note(skipped, " and ".join(f for _, _, f in folders if f is not None))
-    if note:
+def prepare_data(args) -> PreparedSplits:
+    """The train and validation splits of the data the flags name (modeling_ffvt.splits.prepare_splits)."""
+    data = prepare_splits(
+        dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
+        image_column=args.image_column_name, label_column=args.label_column_name, train_val_split=args.train_val_split,
+        split=args.eval_split, seed=args.seed, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
+    for note in data.notes:
         logger.warning(note)
-    return dataset
-
-
-def load_splits(args):
-    """The train and validation splits, images undecoded, limited to --max_train_samples/--max_eval_samples."""
-    dataset = read_data(args)
-    if "train" not in dataset:
-        raise SystemExit(f"The data set has no train split, only {list(dataset)}.")
-    train = dataset["train"]
-    validation = dataset.get("validation", dataset.get("test"))
-    if validation is None:
-        split = train.train_test_split(test_size=args.train_val_split, seed=args.seed)
-        train, validation = split["train"], split["test"]
-    for flag in ("--image_column_name", "--label_column_name"):
-        column = getattr(args, flag[2:])
-        if column not in train.column_names:
-            raise SystemExit(f"No column {column!r} in the data set (it has {train.column_names}): set {flag}.")
-    if args.max_train_samples is not None:
-        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        validation = validation.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(validation))))
-    # Undecoded, so that load_rgb opens every image: any mode to RGB, and errors that name the file.
-    undecoded = datasets.Image(decode=False)
-    columns = [args.image_column_name, args.label_column_name]
-    splits = {name: split.select_columns(columns).cast_column(args.image_column_name, undecoded)
-              for name, split in (("train", train), ("validation", validation))}
-    if args.dataset_name is None or os.path.isdir(args.dataset_name):  # Hub data sets name images by file name only
-        check_disjoint({name: [entry["path"] for entry in split[args.image_column_name] if entry["path"]]
-                        for name, split in splits.items()})
-    return splits
-
-
-def find_unreadable_rows(split, column, target_size=None):
-    """(row, path, reason) for every image of the split that load_rgb rejects (decoding for `target_size`, as
-    training will); embedded images without a path are named by their row."""
-    entries = split[column]
-    names = [entry["path"] or f"<row {row}>" for row, entry in enumerate(entries)]
-    named = ({**entry, "path": name} for entry, name in zip(entries, names))
-    reasons = dict(find_unreadable_images(named, target_size=target_size))
-    return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
-
-
-def drop_unreadable_images(splits, args, accelerator):
-    """Decode every image once before training: stop naming the bad ones, or drop them with --skip_bad_images."""
-    # Decoded for the size training resizes to, when the flags already say it; at full size otherwise, which rejects
-    # whatever a reduced decode would.
-    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
-    target_size = (resize, resize) if resize else None
-    found = None
-    if accelerator.is_main_process:  # one process decodes; the others learn the result
-        found = {
-            name: find_unreadable_rows(split, args.image_column_name, target_size) for name, split in splits.items()
-        }
-    found = broadcast_object_list([found])[0]
-    bad = [f"  {name}: {path} ({reason})" for name, rows in found.items() for _, path, reason in rows]
-    if bad and not args.skip_bad_images:
-        raise SystemExit(
-            f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
-            "to train without them."
-        )
-    if bad:
-        logger.warning(f"Skipped {len(bad)} unreadable images")
-        for name, rows in found.items():
-            bad_rows = {row for row, _, _ in rows}
-            splits[name] = splits[name].select([row for row in range(len(splits[name])) if row not in bad_rows])
-    for name, split in splits.items():
-        if len(split) == 0:
-            raise SystemExit(
-                f"The {name} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
-            )
-
-
-def encode_labels(splits, column, data):
-    """Turn class-name labels (strings or a ClassLabel) into class ids, in place, and return the class names: those
-    of the ClassLabel that train has images of, in their order, or train's sorted distinct strings. Returns None for integer labels,
-    which name no classes. Raises SystemExit for other label types and for validation names train lacks."""
-    values = {name: label_values(split, column, f"{data} ({name})") for name, split in splits.items()}
-    kinds = {name: label_kind(split.features[column], column, f"{data} ({name})") for name, split in splits.items()}
-    if set(kinds.values()) == {"ids"}:
-        return None
-    if len(set(kinds.values())) > 1:
-        raise SystemExit(
-            f"The label column {column!r} holds class names in one split and integers in the other "
-            f"({', '.join(f'{name}: {kind}' for name, kind in kinds.items())}): give both splits the same kind of labels."
-        )
-    feature = splits["train"].features[column]
-    present = set(values["train"])
-    names = [name for name in feature.names if name in present] if isinstance(feature, datasets.ClassLabel) else sorted(present)
-    unknown = sorted(set(values["validation"]) - set(names))
-    if unknown:
-        raise SystemExit(
-            unknown_names_message(unknown, names, f"The train split of {data}")
-            + " Every validation class needs training images."
-        )
-    ids = {name: index for index, name in enumerate(names)}
-    for name, split in splits.items():
-        splits[name] = split.remove_columns(column).add_column(column, [ids[value] for value in values[name]])
-    return names
+    return data
 
 
 def load_model(args, names, labels):
@@ -499,7 +387,7 @@ def load_model(args, names, labels):
         except (OSError, ValueError) as error:
             raise model_load_error(args.model_name_or_path, error, "--model_name_or_path") from None
     if start is not None and start.model_type != "ffvt" and start.model_type not in BACKBONE_FAMILIES:
-        raise SystemExit(
+        raise InputError(
             f"{args.model_name_or_path} is a {start.model_type!r} model: give an FFVT one or a backbone FFVT starts "
             f"from ({', '.join(BACKBONE_FAMILIES)})."
         )
@@ -518,13 +406,13 @@ def load_model(args, names, labels):
                 args.vit_npz or args.model_name_or_path, **head, **architecture
             )
         except (OSError, ValueError) as error:  # OSError: a folder or Hub id without weights
-            raise SystemExit(str(error)) from None
+            raise InputError(str(error)) from None
     if start is None:
         if args.config_name.lstrip().startswith("{"):
             return FFVTForImageClassification(FFVTConfig(**{**json.loads(args.config_name), **architecture, **head}))
         return FFVTForImageClassification(FFVTConfig.from_pretrained(args.config_name, **architecture, **head))
     if architecture.get("image_size", start.image_size) != start.image_size:
-        raise SystemExit(
+        raise InputError(
             f"{args.model_name_or_path} was trained at {start.image_size} px: drop --image_size, or start from a "
             "backbone checkpoint, whose position embeddings are resized."
         )
@@ -542,16 +430,6 @@ def load_model(args, names, labels):
         torch.nn.init.zeros_(model.classifier.weight)
         torch.nn.init.zeros_(model.classifier.bias)
     return model
-
-
-def check_labels(labels, num_labels):
-    bad = [label for label in labels if not 0 <= label < num_labels]
-    if bad:
-        raise SystemExit(
-            ids_out_of_range_message(bad, num_labels, "the model")
-            + " With class names the head is made for the data's classes; or start from a model whose head holds "
-            "every label."
-        )
 
 
 def reseed_dropout(seed, epoch, step, rank):
@@ -588,17 +466,16 @@ def choose_cpu_threads(args, accelerator):
         torch.set_num_threads(1)
 
 
-def make_dataloaders(args, splits, config, accelerator):
+def make_dataloaders(args, splits, config, accelerator, resize_size):
     """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
-    validation through the very processor saved beside the model."""
-    args.resize_size = args.resize_size or default_resize_size(config.image_size)
+    validation through the very processor saved beside the model; both resize to `resize_size` before cropping."""
     # The normalisation of the checkpoint training starts from (its own processor's, or its backbone family's).
     mean, std = image_normalization(args.vit_npz or args.model_name_or_path)
-    processor = make_image_processor(config.image_size, args.resize_size, mean, std)
+    processor = make_image_processor(config.image_size, resize_size, mean, std)
     eval_transform = ProcessorTransform(processor)
     train_transform = (
         eval_transform if args.recipe == "plain"
-        else FGVCTransform(args.recipe, config.image_size, args.resize_size, True, mean, std)
+        else FGVCTransform(args.recipe, config.image_size, resize_size, True, mean, std)
     )
     train_dataset, eval_dataset = (
         ImageClassificationDataset(
@@ -613,12 +490,12 @@ def make_dataloaders(args, splits, config, accelerator):
 
 
 def make_optimizer(args, model, train_dataloader, accelerator):
-    """SGD with momentum 0.9 and the warm-up-then-decay schedule, for --max_train_steps (set here from
-    --num_train_epochs when not given). Returns (optimizer, scheduler, optimiser steps per epoch)."""
+    """SGD with momentum 0.9 and the warm-up-then-decay schedule, for --max_train_steps (or --num_train_epochs when
+    not given). Returns (optimizer, scheduler, optimiser steps per epoch, optimiser steps of the run)."""
     # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
     batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
     )
@@ -627,10 +504,24 @@ def make_optimizer(args, model, train_dataloader, accelerator):
         args.lr_scheduler_type,
         optimizer=optimizer,
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    warn_about_warmup(args.num_warmup_steps, args.max_train_steps)
-    return optimizer, lr_scheduler, steps_per_epoch
+    warn_about_warmup(args.num_warmup_steps, max_train_steps)
+    return optimizer, lr_scheduler, steps_per_epoch, max_train_steps
+
+
+@dataclass
+class Plan:
+    """What the run derived from its flags and data, kept apart from the flags (which stay as the user gave them),
+    so that the card records both."""
+
+    resize_size: int
+    max_train_steps: int
+    steps_per_epoch: int
+    evaluated: str  # the split evaluated, as the data names it, or the part held out of train
+    held_out: float | None  # the fraction of train held out for evaluation, if that is what was evaluated
+    method: TrainingMethod
+    parameter_counts: dict[str, int]  # trainable_parameters and total_parameters
 
 
 # A warm-up beyond this share of the run leaves little or nothing of it to the decay (the paper: 500 of 10000 steps).
@@ -710,7 +601,7 @@ def resume(accelerator, folder, output_dir) -> Progress:
 def latest_checkpoint(output_dir):
     checkpoints = [path.parent for path in Path(output_dir).glob(f"*/{PROGRESS_FILE}")]
     if not checkpoints:
-        raise SystemExit(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
+        raise InputError(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
 
 
@@ -721,7 +612,9 @@ def validate(model, dataloader, accelerator, metric) -> dict:
     return {**{f"eval_{name}": value for name, value in scores.items()}, "eval_loss": float(np.mean(ranked["losses"]))}
 
 
-def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, processor, progress: Progress) -> dict:
+def evaluate_and_keep_best(
+    args, accelerator, model, eval_dataloader, metric, processor, progress: Progress, plan: Plan
+) -> dict:
     """Evaluate; when top-1 improved (or nothing is saved in output_dir yet, as after a resume into another folder),
     save the model, its processor, all_results.json and the card. Returns the evaluation's results."""
     results = {**validate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
@@ -732,7 +625,7 @@ def evaluate_and_keep_best(args, accelerator, model, eval_dataloader, metric, pr
         save_model(accelerator, model, processor, args.output_dir,
                    args.model_name_or_path if is_hub_id(args.model_name_or_path) else None)
         if accelerator.is_main_process:
-            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {})
+            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {}, plan)
     model.train()
     return results
 
@@ -778,13 +671,16 @@ class Prepared:
     lr_scheduler: object
     train_dataloader: DataLoader
     eval_dataloader: DataLoader
+    plan: Plan
 
 
 def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
     """Close the loss window, evaluate (keeping the best model), and log both, to trackers too."""
     log = {**window.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
            "peak_memory_mb": peak_memory_mb(accelerator.device)}
-    log.update(evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress))
+    log.update(
+        evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress, run.plan)
+    )
     logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
     if args.with_tracking:
         accelerator.log(log, step=progress.completed_steps)
@@ -814,25 +710,25 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
         window.steps += 1
         bar.update(1)
         steps = progress.completed_steps
-        if (args.eval_steps and steps % args.eval_steps == 0) or steps == args.max_train_steps:
+        if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
             log_evaluation(args, accelerator, run, metric, processor, progress, window)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress)
-        if steps >= args.max_train_steps:
+        if steps >= run.plan.max_train_steps:
             return
     if args.checkpointing_steps == "epoch":
         save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress)
 
 
-def train(args, accelerator, run: Prepared, processor, progress: Progress, steps_per_epoch: int) -> dict:
+def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
     """Train from `progress` to --max_train_steps, evaluating every --eval_steps and at the end; returns the run's
     training metrics for all_results.json."""
     metric = load_fgvc_accuracy(keep_in_memory=True)  # in memory: processes would share its cache files
     window, first_step = LossWindow(), progress.completed_steps
-    bar = tqdm(total=args.max_train_steps, initial=first_step, disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=run.plan.max_train_steps, initial=first_step, disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     run.model.train()
-    while progress.completed_steps < args.max_train_steps:
+    while progress.completed_steps < run.plan.max_train_steps:
         train_one_epoch(args, accelerator, run, metric, processor, progress, window, bar)
     bar.close()
     runtime = time.perf_counter() - started
@@ -843,7 +739,7 @@ def train(args, accelerator, run: Prepared, processor, progress: Progress, steps
         "train_runtime": runtime,
         "train_samples_per_second": (progress.completed_steps - first_step) * total_batch_size / runtime,
         "train_steps": progress.completed_steps,
-        "epoch": progress.completed_steps / steps_per_epoch,
+        "epoch": progress.completed_steps / run.plan.steps_per_epoch,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
     }
 
@@ -871,10 +767,6 @@ def save_model(accelerator, model, processor, output_dir, start=None):
         processor.save_pretrained(output_dir)
 
 
-def is_hub_id(name):
-    return name is not None and not os.path.exists(name)
-
-
 def data_set_title(args):
     if args.demo:
         return "scikit-learn digits"
@@ -883,24 +775,24 @@ def data_set_title(args):
     return Path(args.train_dir).absolute().parent.name  # CUB for CUB/train
 
 
-def write_results_and_card(args, accelerator, config, best, train_metrics):
+def write_results_and_card(args, accelerator, config, best, train_metrics, plan: Plan):
     """all_results.json and the model card for the model saved in output_dir."""
     Path(args.output_dir, "all_results.json").write_text(
-        json.dumps({**best, **train_metrics, **args.parameter_counts}, indent=2)
+        json.dumps({**best, **train_metrics, **plan.parameter_counts}, indent=2)
     )
     hyperparameters = {
-        "method": args.method.describe(config),
+        "method": plan.method.describe(config),
         "trainable / total parameters": "{trainable_parameters:,} / {total_parameters:,}".format(
-            **args.parameter_counts),
+            **plan.parameter_counts),
         "start": args.model_name_or_path or args.vit_npz or "from scratch",
-        "image size / resize": f"{config.image_size} / {args.resize_size}",
+        "image size / resize": f"{config.image_size} / {plan.resize_size}",
         "augmentation recipe": args.recipe,
         "num_token": config.num_token,
         "optimiser": f"SGD, momentum 0.9, weight decay {args.weight_decay}",
         "learning rate": args.learning_rate,
-        "schedule": schedule_description(args.num_warmup_steps, args.max_train_steps, args.lr_scheduler_type,
+        "schedule": schedule_description(args.num_warmup_steps, plan.max_train_steps, args.lr_scheduler_type,
                                          args.learning_rate),
-        "optimiser steps": args.max_train_steps,
+        "optimiser steps": plan.max_train_steps,
         "batch size": f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes x "
                       f"{args.gradient_accumulation_steps} accumulation",
         "gradient clipping": args.max_grad_norm,
@@ -917,6 +809,8 @@ def write_results_and_card(args, accelerator, config, best, train_metrics):
         num_classes=len(config.id2label),
         hyperparameters=hyperparameters,
         best=best,
+        evaluated=plan.evaluated,
+        held_out=plan.held_out,
     )
 
 
@@ -932,10 +826,10 @@ def next_steps(output_dir, validation_image, validation_dir):
     )
 
 
-def finish(args, accelerator, config, progress: Progress, train_metrics, validation_image):
+def finish(args, accelerator, config, progress: Progress, train_metrics, validation_image, plan: Plan):
     """On the main process: the card's selection map, all_results.json and the card, what to do next, the upload."""
     draw_card_selection_map(args.output_dir, validation_image)
-    write_results_and_card(args, accelerator, config, progress.best, train_metrics)
+    write_results_and_card(args, accelerator, config, progress.best, train_metrics, plan)
     best = progress.best
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
     print(next_steps(args.output_dir, validation_image.get("path"), args.validation_dir))
@@ -994,6 +888,7 @@ def push_to_hub(args):
     logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
@@ -1005,42 +900,53 @@ def main(argv=None):
     with accelerator.main_process_first():
         if args.demo:
             make_digits_folder(args.demo_data_dir)
-        splits = load_splits(args)
-    drop_unreadable_images(splits, args, accelerator)
-    names = encode_labels(splits, args.label_column_name, data_set_title(args))
-    labels = [label for split in splits.values() for label in split[args.label_column_name]]
+        data = prepare_data(args)
+    splits = data.splits
+    # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
+    # size otherwise, which rejects whatever a reduced decode would.
+    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
+    skipped = drop_unreadable_images(data, args.skip_bad_images, accelerator, (resize, resize) if resize else None)
+    if skipped:
+        logger.warning(f"Skipped {skipped} unreadable images")
+    names = encode_labels(data, data_set_title(args))
 
-    model = load_model(args, names, labels)
-    check_labels(labels, model.config.num_labels)
+    model = load_model(args, names, data.labels)
+    check_labels(data.labels, model.config.num_labels)
     if args.gradient_checkpointing:
         # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    method = training_method(args)
     try:
-        model = args.method.apply(model, args.model_name_or_path or args.vit_npz)
+        model = method.apply(model, args.model_name_or_path or args.vit_npz)
     except (ValueError, ImportError) as error:
         raise SystemExit(str(error)) from None
-    args.parameter_counts = parameter_counts(model)
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
-    processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator)
-    optimizer, lr_scheduler, steps_per_epoch = make_optimizer(args, model, train_dataloader, accelerator)
-    run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader))
+    resize_size = args.resize_size or default_resize_size(config.image_size)
+    processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator, resize_size)
+    optimizer, lr_scheduler, steps_per_epoch, max_train_steps = make_optimizer(
+        args, model, train_dataloader, accelerator
+    )
+    plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated, data.held_out, method,
+                parameter_counts(model))
+    run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader), plan)
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(splits['train'])} train, {len(splits['validation'])} validation")
-    logger.info(f"  Num epochs = {math.ceil(args.max_train_steps / steps_per_epoch)}")
+    logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Total optimization steps = {max_train_steps}")
 
     progress = Progress()
     if args.resume_from_checkpoint:
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
-    train_metrics = train(args, accelerator, run, processor, progress, steps_per_epoch)
+    train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:
-        finish(args, accelerator, config, progress, train_metrics, splits["validation"][0][args.image_column_name])
+        validation_image = splits["validation"][0][args.image_column_name]
+        finish(args, accelerator, config, progress, train_metrics, validation_image, plan)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError, find_unreadable_images
+from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
+    InputError,
+    exits_on_input_error,
     ids_out_of_range_message,
     label_kind,
     label_values,
     load_classifier,
-    load_data,
     unknown_names_message,
 )
 from .report import check_report_folder, write_report
-
-DEFAULT_SPLITS = ("test", "validation")
+from .splits import find_unreadable_rows, prepare_splits
 
 
 def parse_args(argv=None):
@@ -54,56 +54,29 @@ def parse_args(argv=None):
 
 def load_split(args) -> tuple[datasets.Dataset, str]:
     """The split to evaluate, with undecoded images (load_rgb reads them), and its name."""
-    flag, name = ("--data_dir", args.data_dir) if args.data_dir is not None else ("--dataset_name", args.dataset_name)
-    dataset, note = load_data(
-        name, flag, args.image_column_name, args.label_column_name, "all", images_only=args.data_dir is not None
+    data = prepare_splits(
+        dataset_name=args.dataset_name, data_dir=args.data_dir, image_column=args.image_column_name,
+        label_column=args.label_column_name, training=False, split=args.split,
     )
-    if note:
+    for note in data.notes:
         print(note, file=sys.stderr)
-    if args.split is not None:
-        split_name = args.split
-    else:
-        found = [split for split in DEFAULT_SPLITS if split in dataset] or (list(dataset) if len(dataset) == 1 else [])
-        if not found:
-            raise SystemExit(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
-        split_name = found[0]
-    if split_name not in dataset:
-        raise SystemExit(f"--split {split_name}: {name} has no such split, only {list(dataset)}.")
-    split = dataset[split_name]
-    for flag in ("--image_column_name", "--label_column_name"):
-        column = getattr(args, flag[2:])
-        if column not in split.column_names:
-            raise SystemExit(f"No column {column!r} in {name} (it has {split.column_names}): set {flag}.")
-    return split.cast_column(args.image_column_name, datasets.Image(decode=False)), split_name
-
-
-def unreadable_images(split, image_column, split_name, target_size) -> list[str]:
-    """"NAME (reason)" of every image of the split that cannot be read as evaluation will read it (`load_rgb` with
-    `target_size`): a file by its path, an embedded image as "SPLIT row N (its recorded file name)"."""
-    entries = split[image_column]
-    names = [
-        entry["path"] if entry.get("bytes") is None else f"{split_name} row {row} ({entry['path'] or 'no file name'})"
-        for row, entry in enumerate(entries)
-    ]
-    named = [{**entry, "path": name} for entry, name in zip(entries, names)]
-    found = find_unreadable_images(named, target_size=target_size)
-    return [f"{name} ({reason})" for name, reason in found]
+    return data.splits["validation"], data.evaluated
 
 
 def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
     """The model's class id of every row: class names (strings or ClassLabel) matched to the model's id2label by
-    name, integers taken as the model's ids. Raises SystemExit listing unknown names or out-of-range ids."""
+    name, integers taken as the model's ids. Raises InputError listing unknown names or out-of-range ids."""
     values = label_values(split, label_column, data)
     kind = label_kind(split.features[label_column], label_column, data)
     if kind == "ids":
         bad = [value for value in values if not 0 <= value < config.num_labels]
         if bad:
-            raise SystemExit(ids_out_of_range_message(bad, config.num_labels, f"the model {model_name}"))
+            raise InputError(ids_out_of_range_message(bad, config.num_labels, f"the model {model_name}"))
         return values
     label2id = {name: int(index) for index, name in config.id2label.items()}
     unknown = sorted(set(values) - label2id.keys())
     if unknown:
-        raise SystemExit(
+        raise InputError(
             unknown_names_message(unknown, list(label2id), f"The model {model_name}")
             + " Evaluate on images of these classes, with folders (or label names) spelled as the model's labels."
         )
@@ -131,6 +104,7 @@ def print_report(report):
             print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     if args.report is not None:
@@ -148,7 +122,8 @@ def main(argv=None):
     transform = ProcessorTransform(processor)
     bad = None
     if accelerator.is_main_process:  # one process decodes every image; the others learn the result
-        bad = unreadable_images(split, args.image_column_name, split_name, transform.target_size)
+        rows = find_unreadable_rows(split, args.image_column_name, split_name, transform.target_size)
+        bad = [f"{name} ({reason})" for _, name, reason in rows]
     bad = broadcast_object_list([bad])[0]
     if bad:
         raise SystemExit(

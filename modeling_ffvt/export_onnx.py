@@ -20,7 +20,7 @@ import torch
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import _pair
-from .inputs import load_classifier
+from .inputs import exits_on_input_error, load_classifier
 
 EXPORTERS = ("dynamo", "torchscript")
 # torch.export implements no opset below 18 and cannot convert this graph down; the TorchScript exporter can.
@@ -149,6 +149,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     model, _ = load_classifier(args.model, with_processor=False, attn_implementation=args.attn_implementation)

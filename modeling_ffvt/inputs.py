@@ -8,6 +8,8 @@ explicit file lists and class labels.
 """
 
 import contextlib
+import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,33 @@ SPLIT_NAMES = {
 _SPLIT_OF_NAME = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
 # Files that make a folder a table data set for `load_dataset(folder)` rather than an image folder.
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"})
+# The tables datasets' image folder builder reads beside images: a file_name column and any others.
+METADATA_NAMES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 LAYOUTS = "FOLDER/CLASS/image files, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
+
+
+class InputError(ValueError):
+    """Something a user handed over (a folder, a data set, a column, a model name) cannot be used; the message names
+    it and says what to do. Library callers catch it as a ValueError; commands print the message alone."""
+
+
+def exits_on_input_error(main):
+    """Decorate a command's `main(argv=None)`: an InputError ends the command with its message alone on standard
+    error and exit status 1, without a traceback (what `SystemExit(message)` does)."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except InputError as error:
+            raise SystemExit(str(error)) from None
+
+    return command
+
+
+def split_named(name: str) -> str | None:
+    """The split a folder name stands for ("val" -> "validation"; case ignored), or None for other names."""
+    return _SPLIT_OF_NAME.get(name.lower())
 
 
 def is_hidden(name: str) -> bool:
@@ -80,12 +108,27 @@ def skipped_note(skipped: int, where: str) -> str | None:
     )
 
 
+def empty_folders_note(empty: list[Path]) -> str | None:
+    """A line naming the folders left out for holding no images (a class folder among them means a class fewer);
+    None when there are none."""
+    if not empty:
+        return None
+    shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    one = len(empty) == 1
+    return (
+        f"Left out {len(empty)} empty folder{'' if one else 's'} (no images, so no class): {shown}. Put images in "
+        f"{'it' if one else 'them'}, or remove {'it' if one else 'them'}."
+    )
+
+
 @dataclass
 class ImageFolder:
-    """An image folder read as splits of (image path, class name) pairs; `skipped` as in `FolderScan`."""
+    """An image folder read as splits of (image path, class name) pairs; `skipped` as in `FolderScan`; `empty`, the
+    class (or split) folders left out because they hold no images."""
 
     splits: dict[str, tuple[list[str], list[str]]]
     skipped: int
+    empty: list[Path] = field(default_factory=list)
 
     @property
     def class_names(self) -> list[str]:
@@ -122,12 +165,13 @@ def _scan_shallow(folder: Path) -> _Shallow:
     )
 
 
-def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
-    """(paths, class names, skipped) of FOLDER/CLASS/... trees: the class is the first folder below `folder`."""
-    paths, labels, skipped = [], [], 0
+def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int, list[Path]]:
+    """(paths, class names, skipped, class folders without images) of FOLDER/CLASS/... trees: the class is the first
+    folder below `folder`."""
+    paths, labels, skipped, empty = [], [], 0, []
     top = _scan_shallow(folder)
     if top.images:
-        raise SystemExit(
+        raise InputError(
             f"{flag} {folder} has images directly inside it ({_some(top.images)}): put them in one folder per class, "
             f"as in {LAYOUTS}."
         )
@@ -137,7 +181,18 @@ def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int]:
         skipped += scan.skipped
         paths += [str(path) for path in scan.images]
         labels += [class_folder.name] * len(scan.images)
-    return paths, labels, skipped
+        if not scan.images:
+            empty.append(class_folder)
+    return paths, labels, skipped, empty
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether any image file lies below `folder` (outside hidden folders); stops at the first one."""
+    for _, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        if any(is_image_file(Path(name)) for name in files):
+            return True
+    return False
 
 
 def _some(paths: list[Path], count: int = 3) -> str:
@@ -154,44 +209,45 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
       validation, test, or an alias such as val or dev); each of its subfolders is a class.
 
     Images below a class folder, at any depth, belong to that class. Hidden and system entries are skipped
-    (`is_hidden`). Raises SystemExit, naming `flag` and the folder, for a missing or empty folder, images outside
+    (`is_hidden`). Raises InputError, naming `flag` and the folder, for a missing or empty folder, images outside
     class folders, subfolders of both kinds, split-like folders that could equally be classes of unlabelled splits,
     non-split names in a SPLIT layout, and two folders for one split.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise SystemExit(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
     top = _scan_shallow(root)
     if not top.folders:
         found = f"only images ({_some(top.images)})" if top.images else "no images"
-        raise SystemExit(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
     shallow = {sub: _scan_shallow(sub) for sub in top.folders}
-    # An empty folder is neither a class nor a split: leave it out.
-    top.folders = [sub for sub in top.folders if shallow[sub].images or shallow[sub].folders]
+    # An empty folder is neither a class nor a split: leave it out, and say so (a class would be missing).
+    empty = [sub for sub in top.folders if not (shallow[sub].images or _has_images(sub))]
+    top.folders = [sub for sub in top.folders if sub not in empty]
     if not top.folders:
-        raise SystemExit(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
     holds_images = {sub: bool(shallow[sub].images) for sub in top.folders}
     split_named = {sub: sub.name.lower() in _SPLIT_OF_NAME for sub in top.folders}
     if all(holds_images.values()):
         if all(split_named.values()):
-            raise SystemExit(
+            raise InputError(
                 f"{flag} {root}: its folders ({', '.join(sub.name for sub in top.folders)}) are named like splits but "
                 "hold images directly, so they could be classes or unlabelled splits. Put each split's images in "
                 f"class folders ({root}/{top.folders[0].name}/CLASS/image), or give classes other names. Layouts read: "
                 f"{LAYOUTS}."
             )
-        paths, labels, skipped = _classes_in(root, flag)
-        return ImageFolder({default_split: (paths, labels)}, skipped)
+        paths, labels, skipped, empty_classes = _classes_in(root, flag)
+        return ImageFolder({default_split: (paths, labels)}, skipped, empty_classes)  # `empty` among them
     if any(holds_images.values()):
         with_images = [sub.name for sub, has in holds_images.items() if has]
         without = [sub.name for sub, has in holds_images.items() if not has]
-        raise SystemExit(
+        raise InputError(
             f"{flag} {root} mixes class folders that hold images ({', '.join(with_images[:5])}) with folders that "
             f"hold only folders ({', '.join(without[:5])}). Lay it out as {LAYOUTS}."
         )
     not_splits = [sub.name for sub, named in split_named.items() if not named]
     if not_splits:
-        raise SystemExit(
+        raise InputError(
             f"{flag} {root}: its folders hold folders, as splits of class folders do, but {', '.join(not_splits[:5])} "
             f"{'is not a split name' if len(not_splits) == 1 else 'are not split names'}. Lay it out as {LAYOUTS}, "
             f"or point {flag} at a folder of class folders."
@@ -200,60 +256,121 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
     for sub in top.folders:
         split = _SPLIT_OF_NAME[sub.name.lower()]
         if split in splits:
-            raise SystemExit(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
-        paths, labels, sub_skipped = _classes_in(sub, flag)
+            raise InputError(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
+        paths, labels, sub_skipped, empty_classes = _classes_in(sub, flag)
         splits[split] = (paths, labels)
         skipped += sub_skipped
-    return ImageFolder(splits, skipped)
+        empty += empty_classes
+    return ImageFolder(splits, skipped, empty)
 
 
 def is_table_folder(folder: str | os.PathLike) -> bool:
-    """Whether a local folder holds data files (CSV, JSON, Parquet, ...) that `load_dataset(folder)` reads as
-    tables, rather than images to read with `read_image_folder`."""
-    return any(
-        Path(name).suffix.lower() in TABLE_EXTENSIONS
-        for _, _, files in os.walk(folder)
-        for name in files
-        if not is_hidden(name)
-    )
+    """Whether a local folder is a data set of tables for `load_dataset(folder)` (CSV, JSON, Parquet, ... files whose
+    rows locate images kept elsewhere) rather than an image folder for `read_image_folder`: it holds tables and no
+    images. Tables beside images (a metadata.csv of bounding boxes, as many FGVC sets ship) leave it an image folder,
+    whose labels come from its class folders (or from `metadata_labels`)."""
+    tables = False
+    for top, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        visible = [Path(name) for name in files if not is_hidden(name)]
+        if any(is_image_file(path) for path in visible):
+            return False
+        tables = tables or any(path.suffix.lower() in TABLE_EXTENSIONS for path in visible)
+    return tables
 
 
-def check_disjoint(splits: dict[str, list[str]]) -> None:
-    """Raise SystemExit naming the files that two splits share (compared after resolving links)."""
-    seen = {}
-    for split, paths in splits.items():
-        for path in paths:
-            real = os.path.realpath(path)
-            if real in seen and seen[real][0] != split:
-                other, other_path = seen[real]
-                raise SystemExit(
-                    f"{path} is in both the {other} and the {split} split (as {other_path}): an image may be in one "
-                    "split only. Give folders that do not overlap."
+def _read_table(path: Path):
+    """A metadata table as a pandas DataFrame (pandas comes with `datasets`)."""
+    import pandas
+
+    if path.suffix == ".csv":
+        return pandas.read_csv(path)
+    if path.suffix == ".jsonl":
+        return pandas.read_json(path, lines=True)
+    return pandas.read_parquet(path)
+
+
+def metadata_labels(folder: str | os.PathLike, label_column: str) -> dict[Path, list[tuple[str, str]]]:
+    """{table: [(image path, label as a string), ...]} of the metadata tables below `folder` that have a
+    `label_column` column: datasets' convention (METADATA_NAMES), whose `file_name` column locates each image
+    relative to the table's folder. Tables without that column are not read for labels. Raises InputError for such a
+    table without a `file_name` column."""
+    tables = {}
+    for top, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not is_hidden(name))
+        for name in sorted(set(files) & METADATA_NAMES):
+            table = _read_table(Path(top, name))
+            if label_column not in table.columns:
+                continue
+            if "file_name" not in table.columns:
+                raise InputError(
+                    f"{Path(top, name)} has a {label_column!r} column but no 'file_name' column: add one with each "
+                    "image's path relative to the table, or rename the label column to take labels from the class "
+                    "folders."
                 )
-            seen[real] = (split, path)
+            rows = zip(table["file_name"], table[label_column])
+            tables[Path(top, name)] = [(str(Path(top, file_name)), str(label)) for file_name, label in rows]
+    return tables
+
+
+def read_labelled_tables(
+    folder: str | os.PathLike, tables: dict[Path, list[tuple[str, str]]], flag: str, default_split: str
+) -> ImageFolder:
+    """The images and labels that metadata tables (`metadata_labels`) list, whatever the folders they sit in: a
+    table in `folder` gives `default_split`, a table in a split folder (FOLDER/train/metadata.csv) that split.
+    Raises InputError for a table elsewhere and for images below `folder` that no table lists."""
+    root, splits = Path(folder), {}
+    for table, rows in tables.items():
+        split = default_split if table.parent == root else split_named(table.parent.name)
+        if split is None or table.parent not in (root, root / table.parent.name):
+            raise InputError(
+                f"{flag} {root}: the label table {table} must sit in {root} or in one of its split folders (train, "
+                "validation, test), to say which split its images belong to."
+            )
+        paths, labels = splits.setdefault(split, ([], []))
+        paths += [path for path, _ in rows]
+        labels += [label for _, label in rows]
+    listed = {os.path.realpath(path) for paths, _ in splits.values() for path in paths}
+    scan = scan_images(root)
+    unlisted = [path for path in scan.images if os.path.realpath(path) not in listed]
+    if unlisted:
+        raise InputError(
+            f"{flag} {root}: the label tables {', '.join(map(str, list(tables)[:3]))} list no row for {len(unlisted)} "
+            f"images ({_some(unlisted)}): give every image a row, or drop the label column to take labels from the "
+            "class folders."
+        )
+    return ImageFolder(splits, scan.skipped)
 
 
 def label_kind(feature, column: str, data: str) -> str:
-    """"names" (ClassLabel or strings), or "ids" (integers) for a label column; SystemExit for anything else."""
+    """"names" (ClassLabel or strings), or "ids" (integers) for a label column; InputError for anything else."""
     if isinstance(feature, datasets.ClassLabel):
         return "names"
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return "names"
     if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         return "ids"
-    raise SystemExit(
+    raise InputError(
         f"The label column {column!r} of {data} holds {feature}: it must hold one class per image, as class names "
         "(strings or a ClassLabel) or class indices (integers). Choose the column with --label_column_name."
     )
 
 
+def unlabelled_rows(split: datasets.Dataset, column: str) -> list[int]:
+    """Rows without a label: None, NaN (an empty CSV cell) or, in a ClassLabel column, -1, which `datasets` writes
+    for "no label" (Hub test splits often are unlabelled): never a class, least of all the last one."""
+    class_label = isinstance(split.features[column], datasets.ClassLabel)
+    return [row for row, value in enumerate(split[column])
+            if value is None or (isinstance(value, float) and math.isnan(value)) or (class_label and value == -1)]
+
+
 def label_values(split: datasets.Dataset, column: str, data: str) -> list:
-    """The column's labels, ClassLabel indices turned into their names; SystemExit naming rows without a label."""
+    """The column's labels, ClassLabel indices turned into their names; InputError naming rows without a label."""
     feature = split.features[column]
     values = split[column]
-    missing = [row for row, value in enumerate(values) if value is None or value != value]  # None, or NaN from CSV
+    missing = unlabelled_rows(split, column)
     if missing:
-        raise SystemExit(
+        raise InputError(
             f"{len(missing)} rows of {data} have no value in the label column {column!r} (rows "
             f"{', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''}): label or remove them."
         )
@@ -277,9 +394,11 @@ def ids_out_of_range_message(bad: list[int], num_labels: int, whose: str) -> str
     )
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """Whether `name` can be a Hub repository id of the form owner/name (every FFVT model on the Hub has an owner)."""
-    if name.count("/") != 1:
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` names a Hub repository rather than something local: no file or folder of that name exists, and
+    it has the form owner/name (every FFVT model on the Hub has an owner, and so do data sets since the Hub gave the
+    old canonical ones owners). Checked here rather than by the Hub, so that a mistyped folder is named at once."""
+    if name is None or os.path.exists(name) or name.count("/") != 1:
         return False
     try:
         validate_repo_id(name)
@@ -289,29 +408,29 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_model_name(name: str, flag: str = "--model") -> None:
-    """Raise SystemExit at once for a model name that is neither a folder nor a possible Hub id, instead of letting
+    """Raise InputError at once for a model name that is neither a folder nor a possible Hub id, instead of letting
     transformers spend its network retries on it."""
     path = Path(name)
     if path.is_dir():
         return
     if path.exists():
-        raise SystemExit(
+        raise InputError(
             f"{flag} {name} is a file: give the folder the model was saved in (it holds config.json and "
             "model.safetensors), or a Hub id owner/name."
         )
-    if not looks_like_hub_id(name):
-        raise SystemExit(
+    if not is_hub_id(name):
+        raise InputError(
             f"{flag} {name}: there is no folder of that name (looked in {Path.cwd()}). Give the folder a model was "
             "saved in (train_hf.py's --output_dir), or a Hub id of the form owner/name."
         )
 
 
-def model_load_error(name: str, error: Exception, flag: str = "--model") -> SystemExit:
+def model_load_error(name: str, error: Exception, flag: str = "--model") -> InputError:
     """The message for a model that `from_pretrained` could not load: a Hub id out of reach, or a broken folder."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).is_dir():
-        return SystemExit(f"{flag} {name}: cannot load the model saved in this folder: {reason}")
-    return SystemExit(
+        return InputError(f"{flag} {name}: cannot load the model saved in this folder: {reason}")
+    return InputError(
         f"{flag} {name}: cannot load it from the Hub ({reason}), and there is no local folder of that name either. "
         "Check the name and your connection, or give the folder a model was saved in."
     )
@@ -331,7 +450,7 @@ def quiet_progress_bars():
 
 
 def load_classifier(name: str, flag: str = "--model", with_processor: bool = True, **from_pretrained_kwargs):
-    """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or SystemExit
+    """(model, image processor or None without `with_processor`) saved in a folder or Hub repository, or InputError
     saying why they cannot be loaded, or that the folder holds no trained head (see `untrained_head_error`)."""
     check_model_name(name, flag)
     try:
@@ -347,15 +466,15 @@ def load_classifier(name: str, flag: str = "--model", with_processor: bool = Tru
     return model, processor
 
 
-def untrained_head_error(model, missing_keys, name: str, flag: str = "--model") -> SystemExit | None:
-    """SystemExit for a classifier whose weights outside its base model (the head) were not in its folder, and so
+def untrained_head_error(model, missing_keys, name: str, flag: str = "--model") -> InputError | None:
+    """InputError for a classifier whose weights outside its base model (the head) were not in its folder, and so
     start random: a backbone such as a ViTModel saved with its processor loads as a classifier, and would classify
     at random without a word. None when the head was loaded."""
     prefix = model.base_model_prefix + "."
     head = sorted(key for key in missing_keys if not key.startswith(prefix))
     if not head:
         return None
-    return SystemExit(
+    return InputError(
         f"{flag} {name} holds no trained classification head ({', '.join(head[:4])} are not in its weights), so its "
         f"predictions would come from a random head: it holds a {model.config.model_type} backbone, not a trained "
         f"classifier. Train one from it first: python train_hf.py --model_name_or_path {name} --train_dir "
@@ -364,19 +483,30 @@ def untrained_head_error(model, missing_keys, name: str, flag: str = "--model") 
 
 
 def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False):
-    """(DatasetDict, note on skipped entries or None) of a local image folder (`read_image_folder`, its columns
-    named `image_column` and `label_column`), or, unless `images_only`, of what `datasets.load_dataset(name)` reads:
-    a Hub data set or a folder of tables. Progress bars stay off for local data, which nothing downloads."""
+    """(DatasetDict, notes for the user) of a local image folder (`read_image_folder`, its columns named
+    `image_column` and `label_column`, its labels from metadata tables that have `label_column`, else from its class
+    folders), or, unless `images_only`, of what `datasets.load_dataset(name)` reads: a Hub data set or a folder of
+    tables. Progress bars stay off for local data, which nothing downloads."""
     if images_only or (os.path.isdir(name) and not is_table_folder(name)):
-        folder = read_image_folder(name, flag, default_split)
-        return folder.to_dataset_dict(image_column, label_column), skipped_note(folder.skipped, name)
+        tables = metadata_labels(name, label_column) if os.path.isdir(name) else {}
+        if tables:
+            folder = read_labelled_tables(name, tables, flag, default_split)
+            notes = [
+                f"Labels of {name} come from the {label_column!r} column of {', '.join(map(str, tables))}, not from "
+                "its folders.",
+                skipped_note(folder.skipped, name),
+            ]
+        else:
+            folder = read_image_folder(name, flag, default_split)
+            notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
+        return folder.to_dataset_dict(image_column, label_column), [note for note in notes if note]
     local = os.path.isdir(name)
     if local:
         datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(name), None
+        return datasets.load_dataset(name), []
     except (FileNotFoundError, ValueError) as error:  # a missing Hub data set is a FileNotFoundError
-        raise SystemExit(f"{flag} {name}: cannot load the data set: {error}") from None
+        raise InputError(f"{flag} {name}: cannot load the data set: {error}") from None
     finally:
         if local:
             datasets.enable_progress_bars()

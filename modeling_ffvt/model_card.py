@@ -45,13 +45,14 @@ def draw_card_selection_map(output_dir, image) -> None:
 
 def write_model_card(
     output_dir, *, repo_id: str, dataset: str, dataset_id: str | None, base_model: str | None, num_classes: int,
-    hyperparameters: dict, best: dict,
+    hyperparameters: dict, best: dict, evaluated: str = "validation", held_out: float | None = None,
 ) -> None:
     """README.md in `output_dir` for the model saved there.
 
     `dataset` names the data in prose; `dataset_id` and `base_model` are Hub ids for the YAML (None for local
     data or starts); `hyperparameters` become the training table, name to value; `best` holds the evaluation results
-    of the saved model (METRICS' keys, "eval_loss" and "step").
+    of the saved model (METRICS' keys, "eval_loss" and "step"), on the split named `evaluated` ("test",
+    "validation", ...) or, when `held_out` is a fraction, on that part of train held out from training.
     """
     card_data = ModelCardData(
         library_name="transformers",
@@ -64,13 +65,14 @@ def write_model_card(
         eval_results=[
             EvalResult(
                 task_type="image-classification", dataset_type=dataset,
-                dataset_name=dataset, dataset_split="validation", metric_type=metric_type, metric_name=name,
+                dataset_name=dataset, dataset_split=evaluated, metric_type=metric_type, metric_name=name,
                 metric_value=round(best[key], 4),
             )
             for metric_type, name, key in METRICS
         ],
     )
     rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
+    results_on = f"the {evaluated} split" if held_out is None else f"{held_out:.0%} of train, held out from training"
     scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in METRICS)
     selection_map_section = ""
     if Path(output_dir, SELECTION_MAP_FILE).exists():
@@ -125,7 +127,7 @@ that page as a folder to push as a Hugging Face Space.
 
 ## Results
 
-On the validation split, at step {best["step"]} (the best top-1 accuracy of the run):
+On {results_on}, at step {best["step"]} (the best top-1 accuracy of the run):
 
 | metric | value |
 |---|---|

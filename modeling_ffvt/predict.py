@@ -19,7 +19,7 @@ from PIL import Image
 from .configuration_ffvt import patch_grid
 from .data import find_unreadable_images, load_rgb, processor_target_size
 from .image_processor import load_image_processor
-from .inputs import IMAGE_EXTENSIONS, load_classifier, scan_images, skipped_note
+from .inputs import IMAGE_EXTENSIONS, InputError, exits_on_input_error, load_classifier, scan_images, skipped_note
 from .selection_map import draw_selection_map, model_input_image
 
 
@@ -70,7 +70,7 @@ def find_images(paths, target_size=None) -> list[Path]:
     """The image files among `paths` (files as given, folders searched recursively by extension, hidden and system
     files left out), in order. Each is decoded once, as for `target_size` (`load_rgb`'s).
 
-    Raises SystemExit naming every missing path, image-less folder and file that cannot be read as an image; prints
+    Raises InputError naming every missing path, image-less folder and file that cannot be read as an image; prints
     to standard error how many hidden or system entries were skipped, when any were.
     """
     files, problems, skipped = [], [], 0
@@ -89,7 +89,7 @@ def find_images(paths, target_size=None) -> list[Path]:
     unreadable = find_unreadable_images(files, target_size=target_size)
     problems += [f"{path}: not a readable image ({reason})" for path, reason in unreadable]
     if problems:
-        raise SystemExit("cannot use these inputs:\n  " + "\n  ".join(problems))
+        raise InputError("cannot use these inputs:\n  " + "\n  ".join(problems))
     note = skipped_note(skipped, ", ".join(str(path) for path in paths if Path(path).is_dir()))
     if note:
         print(note, file=sys.stderr)
@@ -163,6 +163,7 @@ def input_size(model_name):
         return None
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

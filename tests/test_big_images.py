@@ -9,7 +9,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from accelerate.state import AcceleratorState
 from PIL import Image, ImageFile
 from sklearn.datasets import load_sample_image

@@ -12,10 +12,10 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers.image_utils import load_image
 
-from conftest import digit_image, digits_of, run_python, save_tiny_model, write_digits
+from conftest import REPOSITORY, digit_image, digits_of, run_python, save_tiny_model, write_digits
 from modeling_ffvt.data import load_rgb
 from modeling_ffvt.evaluate_cli import main as evaluate_main
-from modeling_ffvt.inputs import check_model_name, is_hidden, read_image_folder, scan_images
+from modeling_ffvt.inputs import InputError, check_model_name, is_hidden, read_image_folder, scan_images
 from modeling_ffvt.predict import find_images
 
 CLASSES = ["0", "1", "2"]
@@ -92,7 +92,7 @@ def test_layouts_we_cannot_read_unambiguously_are_explained(tmp_path, layout, me
     for name, index in layout.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         digit_image(index).save(tmp_path / name)
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(InputError) as error:
         read_image_folder(tmp_path, "--data_dir")
     text = str(error.value)
     assert message in text and str(tmp_path) in text and "--data_dir" in text
@@ -100,7 +100,7 @@ def test_layouts_we_cannot_read_unambiguously_are_explained(tmp_path, layout, me
 
 
 def test_a_missing_folder_is_named(tmp_path):
-    with pytest.raises(SystemExit, match=f"--train_dir {tmp_path / 'nope'} is not a folder"):
+    with pytest.raises(InputError, match=f"--train_dir {tmp_path / 'nope'} is not a folder"):
         read_image_folder(tmp_path / "nope", "--train_dir")
 
 
@@ -276,7 +276,7 @@ def test_exif_orientation_of_a_phone_jpeg_reaches_predict(model_folder, tmp_path
 @pytest.mark.parametrize("name", ["mymodle", "./mymodle", "runs/a/b", "/no/such/folder"])
 def test_a_mistyped_model_folder_is_named_at_once(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(InputError) as error:
         check_model_name(name)
     assert f"--model {name}: there is no folder of that name" in str(error.value)
 
@@ -316,7 +316,7 @@ print(json.dumps(messages))
 
 def test_a_file_given_as_model_is_explained(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit, match="is a file: give the folder the model was saved in"):
+    with pytest.raises(InputError, match="is a file: give the folder the model was saved in"):
         check_model_name(str(tmp_path / "model.safetensors"))
 
 
@@ -335,3 +335,32 @@ def test_picks_of_an_upright_photo_do_not_depend_on_how_it_was_stored(model_fold
         logits = [model(**processor(load_rgb(tmp_path / name), return_tensors="pt")).logits
                   for name in ("upright.png", "turned.png")]
     torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_library_calls_raise_input_error_a_value_error():
+    """A notebook catches a bad folder, data set or model name with `except ValueError`."""
+    assert issubclass(InputError, ValueError)
+    for call in (lambda: read_image_folder("no/such/folder", "--data_dir"), lambda: check_model_name("mymodle"),
+                 lambda: find_images(["no/such/image.png"])):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert type(error.value) is InputError
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["-m", "modeling_ffvt.evaluate_cli", "--model", "m", "--data_dir", "nowhere"],
+         "--data_dir nowhere is not a folder"),
+        (["-m", "modeling_ffvt.predict", "nowhere.png", "--model", "m"],
+         "cannot use these inputs:\n  nowhere.png: no such file or folder"),
+        (["-m", "modeling_ffvt.export_onnx", "--model", "mymodle", "--output", "x.onnx"],
+         "--model mymodle: there is no folder of that name"),
+        ([REPOSITORY / "train_hf.py", "--train_dir", "nowhere", "--config_name", "{}", "--output_dir", "out"],
+         "--train_dir nowhere is not a folder"),
+    ],
+    ids=["ffvt-evaluate", "ffvt-predict", "ffvt-export-onnx", "train_hf.py"],
+)
+def test_commands_turn_input_errors_into_their_message_alone(tmp_path, command, message):
+    run = run_python(*command, cwd=tmp_path)
+    assert run.returncode == 1 and message in run.stdout and "Traceback" not in run.stdout, run.stdout[-3000:]

@@ -24,6 +24,7 @@ from conftest import FIXTURES, digits_of, randomized, run_python, tiny_config, w
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.data import FGVCTransform, ProcessorTransform
 from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.inputs import InputError
 from train_hf import DEMO_MODEL, load_model, make_digits_folder
 from train_hf import main as train_main
 
@@ -418,7 +419,7 @@ def test_an_ffvt_head_is_kept_only_for_the_same_classes(tmp_path, names):
         torch.testing.assert_close(model.classifier.weight, trained.classifier.weight)
     else:
         assert not model.classifier.weight.any() and not model.classifier.bias.any()
-    with pytest.raises(SystemExit, match="trained at 32 px"):
+    with pytest.raises(InputError, match="trained at 32 px"):
         load_model(model_args(model_name_or_path=str(tmp_path), image_size=64), names, [0])
 
 

@@ -1,0 +1,352 @@
+"""Data preparation shared by train_hf.py and ffvt-evaluate (modeling_ffvt.splits): unlabelled rows, embedded images
+named alike, metadata tables beside class folders, the split the card names, empty class folders, InputError."""
+
+import io
+import json
+import shutil
+
+import datasets
+import pytest
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from conftest import REPOSITORY, digit_image, digits_of, run_python, save_tiny_model, write_digits
+from modeling_ffvt.evaluate_cli import main as evaluate_main
+from modeling_ffvt.inputs import InputError, is_hub_id, load_data, read_image_folder
+from modeling_ffvt.model_card import write_model_card
+from modeling_ffvt.splits import (
+    drop_unreadable_images,
+    encode_labels,
+    find_unreadable_rows,
+    prepare_splits,
+)
+
+NAMES = ["crow", "finch", "wren"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """ffvt-evaluate's main and PartialState set up accelerate's process-wide state; reset it for the next test."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def png_bytes(index: int) -> bytes:
+    """Digit `index` as PNG bytes: different indices give different images."""
+    buffer = io.BytesIO()
+    digit_image(index).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_parquet(path, labels, names=None, first=0):
+    """A Hub-style parquet split: embedded PNGs of digits first, first + 1, ..., their "path" a bare file name that
+    repeats per class (as datasets' push_to_hub stores), and a ClassLabel column (-1 = no label)."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+    names = names or [f"{row // 3:03d}.png" for row in range(len(labels))]
+    images = [{"bytes": png_bytes(first + row), "path": name} for row, name in enumerate(names)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(path)
+
+
+def write_hub_data(root, splits: dict[str, list[int]]):
+    """root/data/<split>-00000-of-00001.parquet for each split, images all different across splits."""
+    first = 0
+    for split, labels in splits.items():
+        write_parquet(root / "data" / f"{split}-00000-of-00001.parquet", labels, first=first)
+        first += len(labels)
+    return str(root)
+
+
+# ---- rows without a label (-1 in a ClassLabel column) are never a class ---------------------------------------------
+
+
+def test_training_leaves_unlabelled_rows_out_of_train_and_validation(tmp_path):
+    data = write_hub_data(tmp_path, {"train": [0, 1, 2, -1, 0, -1, 1, 2], "validation": [2, -1, 0, 1],
+                                     "test": [-1, -1, -1]})
+    prepared = prepare_splits(dataset_name=data)
+    assert prepared.evaluated == "validation"
+    assert prepared.splits["train"]["label"] == [0, 1, 2, 0, 1, 2]
+    assert prepared.splits["validation"]["label"] == [2, 0, 1]
+    assert any("Left out 2 rows of the train split" in note and "rows 3, 5" in note for note in prepared.notes)
+    assert any("Left out 1 rows of the validation split" in note and "rows 1)" in note for note in prepared.notes)
+    assert encode_labels(prepared, "birds") == NAMES
+    assert prepared.labels == [0, 1, 2, 0, 1, 2, 2, 0, 1]  # never 2 ("wren", the last class) for a -1
+
+
+def test_an_unlabelled_split_is_never_evaluated(tmp_path):
+    data = write_hub_data(tmp_path, {"train": [0, 1, 2, 0, 1, 2, 0], "test": [-1, -1, -1]})
+    with pytest.raises(InputError) as error:  # training: test is the default, and unlabelled
+        prepare_splits(dataset_name=data)
+    message = str(error.value)
+    assert message.startswith(f"The test split of {data}, evaluated by default, has no labels (its 3 rows")
+    assert "--eval_split train" in message and "15%" in message
+    with pytest.raises(InputError, match="--eval_split test: the test split of .* has no labels"):
+        prepare_splits(dataset_name=data, split="test")
+    held_out = prepare_splits(dataset_name=data, split="train", train_val_split=0.3)
+    assert held_out.evaluated == "30% of train, held out" and held_out.held_out == 0.3
+    assert len(held_out.splits["validation"]) == 3 and len(held_out.splits["train"]) == 4
+    with pytest.raises(InputError) as error:  # ffvt-evaluate: test first, and unlabelled
+        prepare_splits(dataset_name=data, training=False)
+    assert "has no labels" in str(error.value) and "--split (train)" in str(error.value)
+
+
+def test_evaluation_skips_an_unlabelled_test_split_and_names_unlabelled_rows(tmp_path):
+    data = write_hub_data(tmp_path, {"train": [0, 1, 2], "validation": [1, 2, 0, 1], "test": [-1, -1]})
+    prepared = prepare_splits(dataset_name=data, training=False)
+    assert prepared.evaluated == "validation" and prepared.splits["validation"]["label"] == [1, 2, 0, 1]
+    with pytest.raises(InputError, match="--split test: the test split of .* has no labels"):
+        prepare_splits(dataset_name=data, training=False, split="test")
+    partly = write_hub_data(tmp_path / "partly", {"test": [0, -1, 2, -1]})
+    model = tmp_path / "model"
+    save_tiny_model(model, NAMES)
+    with pytest.raises(SystemExit) as exit:
+        evaluate_main(["--model", str(model), "--dataset_name", partly])
+    assert "2 rows of" in exit.value.code and "have no value in the label column 'label' (rows 1, 3)" in exit.value.code
+
+
+def test_a_train_split_without_labels_is_refused(tmp_path):
+    data = write_hub_data(tmp_path, {"train": [-1, -1], "validation": [0, 1]})
+    with pytest.raises(InputError, match="The train split of .* has no labels"):
+        prepare_splits(dataset_name=data)
+
+
+def test_train_hf_trains_without_unlabelled_rows_and_its_card_names_the_test_split(tmp_path):
+    """End to end: 2 of 9 train rows and 1 of 4 test rows unlabelled; the card's model-index says test."""
+    data = write_hub_data(tmp_path / "ds", {"train": [0, 1, 2, -1, 0, 1, -1, 2, 0], "test": [2, 1, -1, 0]})
+    model = tmp_path / "model"
+    save_tiny_model(model, NAMES)
+    output_dir = tmp_path / "out"
+    run = run_python(REPOSITORY / "train_hf.py", "--dataset_name", data, "--model_name_or_path", model,
+                     "--recipe", "plain", "--resize_size", 40, "--max_train_steps", 1, "--num_warmup_steps", 0,
+                     "--output_dir", output_dir)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "Left out 2 rows of the train split" in run.stdout and "Left out 1 rows of the test split" in run.stdout
+    assert "Num examples = 7 train, 3 validation" in run.stdout
+    results = json.loads((output_dir / "all_results.json").read_text())
+    card = ModelCard.load(output_dir / "README.md")
+    assert {result.dataset_split for result in card.data.eval_results} == {"test"}
+    top1 = next(result for result in card.data.eval_results if result.metric_name == "Top-1 accuracy")
+    assert top1.metric_value == round(results["eval_accuracy"], 4)
+    assert "On the test split, at step 1" in card.text
+    assert "| image size / resize | 32 / 40 |" in card.text and "| optimiser steps | 1 |" in card.text
+
+
+# ---- embedded images are told apart by row -------------------------------------------------------------------------
+
+
+def test_embedded_images_with_repeated_names_are_not_an_overlap(tmp_path):
+    data = write_hub_data(tmp_path, {"train": [0, 0, 1, 1, 2, 2], "validation": [0, 1, 2]})
+    prepared = prepare_splits(dataset_name=data)  # names 000.png, 001.png repeat in both splits: no overlap
+    assert [len(part) for part in prepared.splits.values()] == [6, 3]
+
+
+@pytest.mark.parametrize("names", [["a.png"] * 3, ["x.png", "y.png", "z.png"], [None, None, None]],
+                         ids=["one name", "other names", "no names"])
+def test_the_same_embedded_image_in_two_splits_is_named_by_row(tmp_path, names):
+    write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [0, 1, 2], first=0)
+    write_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet", [0, 1, 2], names=names, first=2)
+    with pytest.raises(InputError) as error:  # digit 2 is train row 2 and validation row 0, whatever the names
+        prepare_splits(dataset_name=str(tmp_path))
+    shown = names[0] or "no file name"
+    assert str(error.value).startswith(
+        f"validation row 0 ({shown}) is in both the train and the validation split (as train row 2 (000.png))"
+    )
+
+
+def test_a_bad_embedded_row_is_named_and_dropped_alone(tmp_path):
+    write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [0, 0, 1, 1, 2, 2],
+                  names=["000.png", "001.png"] * 3)
+    prepared = prepare_splits(dataset_name=str(tmp_path), split="train")  # 1 of the 6 rows held out
+    train = prepared.splits["train"]
+    images = list(train["image"])
+    images[2] = {**images[2], "bytes": images[2]["bytes"][:100]}  # cut short; two other rows share its name
+    images[3] = {**images[3], "bytes": b"not an image"}
+    broken = datasets.Dataset.from_dict({"image": images, "label": list(train["label"])}, features=train.features)
+    names = [entry["path"] for entry in images]
+    assert names.count(names[2]) > 1
+    found = find_unreadable_rows(broken, "image", "train")
+    assert [(row, name) for row, name, _ in found] == [(2, f"train row 2 ({names[2]})"), (3, f"train row 3 ({names[3]})")]
+    prepared.splits["train"] = broken
+    with pytest.raises(InputError) as error:
+        drop_unreadable_images(prepared, skip=False, accelerator=PartialState())
+    assert f"  train row 2 ({names[2]}) (" in str(error.value) and f"  train row 3 ({names[3]}) (" in str(error.value)
+    assert drop_unreadable_images(prepared, skip=True, accelerator=PartialState()) == 2
+    kept = [row for row in range(len(images)) if row not in (2, 3)]
+    assert prepared.splits["train"]["label"][:] == [train["label"][row] for row in kept]
+
+
+# ---- a metadata table beside class folders --------------------------------------------------------------------------
+
+
+def write_birds(root, table_format, label_column=None, relabel=None):
+    """root/{train,test}/<class>/<class>_<i>.png with a metadata table in each split folder: file_name, a bounding
+    box and, with `label_column`, a label (`relabel` maps folder names to the table's labels)."""
+    expected = {}
+    for split, count in (("train", 3), ("test", 2)):
+        rows = []
+        for position, name in enumerate(NAMES):
+            paths = write_digits(root / split / name, digits_of(position, count, skip=3 * (split == "test")))
+            for path in paths:
+                row = {"file_name": f"{name}/{path.name}", "bbox": "0 0 40 40"}
+                if label_column:
+                    row[label_column] = (relabel or {}).get(name, name)
+                rows.append(row)
+        expected[split] = [(relabel or {}).get(row["file_name"].split("/")[0], row["file_name"].split("/")[0])
+                           for row in rows]
+        if table_format == "csv":
+            columns = list(rows[0])
+            lines = [",".join(columns)] + [",".join(str(row[column]) for column in columns) for row in rows]
+            (root / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+        else:
+            (root / split / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return expected
+
+
+@pytest.mark.parametrize("table_format", ["csv", "jsonl"])
+def test_a_metadata_table_without_labels_leaves_the_class_folders_labels(tmp_path, table_format):
+    expected = write_birds(tmp_path / "birds", table_format)
+    dataset, notes = load_data(str(tmp_path / "birds"), "--dataset_name", "image", "label", "train")
+    assert sorted(dataset) == ["test", "train"] and not notes
+    for split, names in expected.items():
+        labels = [dataset[split].features["label"].names[index] for index in dataset[split]["label"]]
+        assert sorted(labels) == sorted(names) and len(labels) == {"train": 9, "test": 6}[split]
+    prepared = prepare_splits(dataset_name=str(tmp_path / "birds"), training=False)
+    assert prepared.evaluated == "test" and len(prepared.splits["validation"]) == 6
+
+
+@pytest.mark.parametrize("table_format", ["csv", "jsonl"])
+def test_a_metadata_table_with_the_label_column_gives_the_labels_and_says_so(tmp_path, table_format):
+    relabel = {"crow": "corvid", "finch": "passerine", "wren": "passerine"}
+    write_birds(tmp_path / "birds", table_format, label_column="genus", relabel=relabel)
+    dataset, notes = load_data(str(tmp_path / "birds"), "--dataset_name", "image", "genus", "train")
+    assert dataset["train"].features["genus"].names == ["corvid", "passerine"]
+    for split in ("train", "test"):
+        for entry, label in zip(dataset[split]["image"], dataset[split]["genus"]):
+            folder = entry["path"].split("/")[-2]
+            assert dataset[split].features["genus"].names[label] == relabel[folder]
+    assert len(notes) == 1 and f"metadata.{table_format}" in notes[0] and "'genus' column" in notes[0]
+    assert "not from its folders" in notes[0]
+    # An image no table lists is named.
+    write_digits(tmp_path / "birds" / "train" / "crow", [100])
+    with pytest.raises(InputError, match=r"list no row for 1 images \(100.png\)"):
+        load_data(str(tmp_path / "birds"), "--dataset_name", "image", "genus", "train")
+
+
+@pytest.mark.parametrize("table_format", ["csv", "jsonl"])
+def test_a_metadata_table_labels_images_without_class_folders(tmp_path, table_format):
+    """datasets' own layout: SPLIT/images with SPLIT/metadata.* holding file_name and the label."""
+    for split, first in (("train", 0), ("test", 6)):
+        paths = write_digits(tmp_path / "birds" / split, range(first, first + 6))
+        rows = [{"file_name": path.name, "label": NAMES[row % 3]} for row, path in enumerate(paths)]
+        if table_format == "csv":
+            text = "file_name,label\n" + "".join(f"{row['file_name']},{row['label']}\n" for row in rows)
+        else:
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+        (tmp_path / "birds" / split / f"metadata.{table_format}").write_text(text)
+    prepared = prepare_splits(dataset_name=str(tmp_path / "birds"))
+    assert prepared.evaluated == "test" and any("come from the 'label' column" in note for note in prepared.notes)
+    assert encode_labels(prepared, "birds") == NAMES
+    for key, first in (("train", 0), ("validation", 6)):
+        names = [entry["path"].split("/")[-1] for entry in prepared.splits[key]["image"]]
+        assert names == [f"{index}.png" for index in range(first, first + 6)]
+        assert prepared.splits[key]["label"][:] == [0, 1, 2, 0, 1, 2]
+
+
+def test_evaluate_and_train_read_a_folder_with_metadata_by_its_class_folders(tmp_path, capsys):
+    write_birds(tmp_path / "birds", "csv")
+    model = tmp_path / "model"
+    save_tiny_model(model, NAMES)
+    evaluate_main(["--model", str(model), "--dataset_name", str(tmp_path / "birds"), "--json"])
+    by_dataset_name = json.loads(capsys.readouterr().out)
+    shutil.copytree(tmp_path / "birds", tmp_path / "plain", ignore=shutil.ignore_patterns("metadata.csv"))
+    evaluate_main(["--model", str(model), "--data_dir", str(tmp_path / "plain"), "--json"])
+    by_folder = json.loads(capsys.readouterr().out)
+    assert by_dataset_name["split"] == "test" and by_dataset_name["num_images"] == 6
+    for key in ("accuracy", "top5_accuracy", "most_confused"):
+        assert by_dataset_name[key] == by_folder[key]
+
+
+# ---- the split the card names ---------------------------------------------------------------------------------------
+
+
+def class_folders(root, count):
+    for position, name in enumerate(NAMES):
+        write_digits(root / name, digits_of(position, count, skip=0 if "train" in str(root) else 5))
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "folder, evaluated",
+    [("test", "test"), ("val", "validation"), ("Testing", "test"), ("held_back", "validation")],
+)
+def test_a_validation_dir_named_like_a_split_is_that_split(tmp_path, folder, evaluated):
+    prepared = prepare_splits(train_dir=class_folders(tmp_path / "train", 3),
+                              validation_dir=class_folders(tmp_path / folder, 2))
+    assert prepared.evaluated == evaluated and prepared.held_out is None
+
+
+@pytest.mark.parametrize("splits, evaluated", [(("train", "test"), "test"), (("train", "validation", "test"),
+                                                                              "validation"), (("train",), "15%")])
+def test_the_split_evaluated_in_training(tmp_path, splits, evaluated):
+    for split in splits:
+        class_folders(tmp_path / "data" / split, 3)
+    prepared = prepare_splits(dataset_name=str(tmp_path / "data"))
+    assert prepared.evaluated == (evaluated if evaluated != "15%" else "15% of train, held out")
+
+
+@pytest.mark.parametrize("evaluated, held_out, prose", [("test", None, "On the test split, at step 7"),
+                                                        ("15% of train, held out", 0.15,
+                                                         "On 15% of train, held out from training, at step 7")])
+def test_the_card_names_the_split_evaluated_and_loads_with_the_same_numbers(tmp_path, evaluated, held_out, prose):
+    best = {"eval_accuracy": 0.81234, "eval_top5_accuracy": 0.95, "eval_mean_per_class_accuracy": 0.8, "eval_loss": 0.7,
+            "step": 7}
+    write_model_card(tmp_path, repo_id="ffvt-cub", dataset="CUB", dataset_id=None, base_model=None, num_classes=200,
+                     hyperparameters={"seed": 42}, best=best, evaluated=evaluated, held_out=held_out)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert [(result.dataset_split, result.metric_name, result.metric_value) for result in card.data.eval_results] == [
+        (evaluated, "Top-1 accuracy", 0.8123), (evaluated, "Top-5 accuracy", 0.95),
+        (evaluated, "Mean per-class accuracy", 0.8),
+    ]
+    assert prose in card.text
+
+
+# ---- empty class folders are named ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["classes", "splits"])
+def test_an_empty_class_folder_is_named(tmp_path, layout):
+    root = tmp_path / "data"
+    base = root if layout == "classes" else root / "train"
+    class_folders(base, 2)
+    (base / "owl").mkdir()  # empty
+    (base / "ibis" / "sub").mkdir(parents=True)  # only an empty subfolder
+    (base / "emu").mkdir()
+    Image.new("L", (4, 4)).save(base / "emu" / ".hidden.png")  # only a hidden file
+    folder = read_image_folder(root, "--data_dir")
+    assert folder.class_names == NAMES
+    assert sorted(path.name for path in folder.empty) == ["emu", "ibis", "owl"]
+    _, notes = load_data(str(root), "--dataset_name", "image", "label", "train")
+    note = next(note for note in notes if note.startswith("Left out 3 empty folders"))
+    assert all(str(base / name) in note for name in ("emu", "ibis", "owl"))
+
+
+def test_an_empty_class_folder_is_named_by_train_hf(tmp_path):
+    class_folders(tmp_path / "train", 3)
+    (tmp_path / "train" / "owl").mkdir()
+    class_folders(tmp_path / "validation", 2)
+    prepared = prepare_splits(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
+    owl = tmp_path / "train" / "owl"
+    assert prepared.notes == [f"Left out 1 empty folder (no images, so no class): {owl}. Put images in it, or remove it."]
+
+
+# ---- one definition of a Hub id -------------------------------------------------------------------------------------
+
+
+def test_is_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "cub").mkdir(parents=True)
+    assert is_hub_id("google/vit-base-patch16-224") and is_hub_id("someone/cub-200")
+    for name in (None, "runs/cub", "mymodel", "a/b/c", "owner/bad name", str(tmp_path / "runs")):
+        assert not is_hub_id(name), name
