@@ -9,7 +9,7 @@ tokens, a LayerNorm on the embeddings and a patch projection without bias; loadi
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable
 
 import torch
 from torch import nn
@@ -203,22 +203,12 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tens
     return tokens.gather(1, index)
 
 
-OutputRows = Literal["all", "cls", "cls_and_picks"]
-# What attention and layers return: the output, the attention probabilities (or None), MAWS's picks (or None).
+# Which rows (queries) of its output a layer computes: all of them (None), the rows a (batch, rows) LongTensor names, or
+# the rows a function of the layer's queries and keys (batch, heads, tokens, head_dim) returns, for rows that depend on
+# the layer's own attention (MAWS's picks).
+QueryRows = torch.LongTensor | Callable[[torch.Tensor, torch.Tensor], torch.LongTensor | None] | None
+# What attention and layers return: the output, the attention probabilities (or None), the rows computed (None: all).
 LayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]
-
-
-def keep_rows(tokens: torch.Tensor, rows: OutputRows, picks: torch.LongTensor | None) -> torch.Tensor:
-    """
-    The rows of `tokens` (batch, tokens, ...) a layer computes: all of them, only the CLS token (all a classifier on
-    the CLS token needs of the last layer), or the CLS token followed by the layer's picks (all the layer before the
-    fusion layer needs, when nothing else of it is returned).
-    """
-    if rows == "cls":
-        return tokens[:, :1]
-    if rows == "cls_and_picks":
-        return gather_tokens(tokens, torch.cat([picks.new_zeros(picks.shape[0], 1), picks], dim=1))
-    return tokens
 
 
 class FFVTSelfAttention(nn.Module):
@@ -230,7 +220,6 @@ class FFVTSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # transformers' sdpa function reads this and would otherwise mask causally
         self.dropout_prob = config.attention_probs_dropout_prob
-        self.num_register_tokens = config.num_register_tokens
         self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -245,36 +234,32 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
     ) -> LayerOutput:
         """
-        Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
-        `num_token` tokens MAWS picks. `rows` says which rows of the output to compute, as in [`keep_rows`].
+        Attention of the rows `query_rows` names (see [`QueryRows`]) over every token of `hidden_states` (batch, tokens,
+        hidden), as cross-attention attends over other keys. Every query is projected once: a function in
+        `query_rows` reads them all, and the rows kept are gathered from them. Returns the output (batch, rows,
+        hidden), the probabilities (with `output_attentions`) and the rows computed (None when all were).
         """
-        key = self.split_heads(self.key, hidden_states)
-        value = self.split_heads(self.value, hidden_states)
-        # Only the kept rows' queries reach the output; MAWS reads every query, but only to rank tokens, so it needs
-        # no gradient.
-        query = self.split_heads(self.query, hidden_states) if rows == "all" else None
-        picks = None
-        if num_token:
-            with torch.no_grad():
-                maws_query = self.split_heads(self.query, hidden_states) if query is None else query
-                # Registers take part in both softmaxes, as they do in attention, but are never candidates.
-                scores = mutual_attention_scores(maws_query, key, self.scaling)
-                picks = exclude_registers(scores, self.num_register_tokens).topk(num_token, dim=-1).indices
-        if query is None:
-            query = self.split_heads(self.query, keep_rows(hidden_states, rows, picks))
+        query = self.query(hidden_states)
+        key = self.split_heads(self.key(hidden_states))
+        value = self.split_heads(self.value(hidden_states))
+        if callable(query_rows):
+            query_rows = query_rows(self.split_heads(query), key)
+        if query_rows is not None:
+            query = gather_tokens(query, query_rows)
+        query = self.split_heads(query)
 
         attend = self.attention_function(output_attentions)
         dropout = self.dropout_prob if self.training else 0.0
         output, probabilities = attend(self, query, key, value, None, scaling=self.scaling, dropout=dropout)
-        return output.flatten(2), probabilities if output_attentions else None, picks  # (batch, kept rows, hidden)
+        return output.flatten(2), probabilities if output_attentions else None, query_rows  # (batch, rows, hidden)
 
-    def split_heads(self, projection: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
-        """`projection` of `tokens` (batch, tokens, hidden), as (batch, heads, tokens, head_dim)."""
-        batch_size, num_tokens, _ = tokens.shape
-        return projection(tokens).view(batch_size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+    def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """Projected tokens (batch, tokens, hidden) as (batch, heads, tokens, head_dim)."""
+        batch_size, num_tokens, _ = projected.shape
+        return projected.view(batch_size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
 
 class FFVTSelfOutput(nn.Module):
@@ -296,10 +281,10 @@ class FFVTAttention(nn.Module):
         self.output = FFVTSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
     ) -> LayerOutput:
-        output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, rows)
-        return self.output(output), probabilities, picks
+        output, probabilities, rows = self.attention(hidden_states, output_attentions, query_rows)
+        return self.output(output), probabilities, rows
 
 
 class FFVTMlpLinear(nn.Linear):
@@ -358,19 +343,20 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.mlp_layer_scale = FFVTLayerScale(config) if layer_scale else nn.Identity()
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
     ) -> LayerOutput:
         """
-        `hidden_states` is (batch, tokens, hidden); `num_token` and `rows` as in [`FFVTSelfAttention.forward`]. Returns
-        the output, (batch, tokens) or fewer rows as `rows` says, the probabilities and the picks.
+        `hidden_states` is (batch, tokens, hidden); `query_rows` as in [`FFVTSelfAttention.forward`]. Returns the
+        output at the rows computed (batch, rows, hidden), the probabilities and the rows computed (None: all).
         """
-        attended, probabilities, picks = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, num_token, rows
+        attended, probabilities, rows = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, query_rows
         )
-        hidden_states = keep_rows(hidden_states, rows, picks) + self.attention_layer_scale(attended)
+        residual = hidden_states if rows is None else gather_tokens(hidden_states, rows)
+        hidden_states = residual + self.attention_layer_scale(attended)
         mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        hidden_states = hidden_states + self.mlp_layer_scale(mlp_output)  # (batch, kept rows, hidden)
-        return hidden_states, probabilities, picks
+        hidden_states = hidden_states + self.mlp_layer_scale(mlp_output)  # (batch, rows, hidden)
+        return hidden_states, probabilities, rows
 
 
 class FFVTEncoder(nn.Module):
@@ -383,6 +369,7 @@ class FFVTEncoder(nn.Module):
         super().__init__()
         self.num_token = config.num_token
         self.num_register_tokens = config.num_register_tokens
+        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
         num_plain_layers = config.num_hidden_layers - 1 if config.feature_fusion else config.num_hidden_layers
         self.layer = nn.ModuleList(FFVTLayer(config) for _ in range(num_plain_layers))
         self.fusion_layer = FFVTLayer(config) if config.feature_fusion else None
@@ -418,19 +405,32 @@ class FFVTEncoder(nn.Module):
         # Unless every layer's full output is returned, the last plain layer is needed only at its CLS token and its
         # picks (with fusion), and the final layer only at its CLS token when that is all the caller reads.
         pruning = not output_hidden_states and not output_attentions
-        final_rows = "cls" if pruning and cls_token_only else "all"
-        last_plain_rows = ("cls_and_picks" if pruning else "all") if fusing else final_rows
+        cls_row = torch.zeros(hidden_states.shape[0], 1, dtype=torch.long, device=hidden_states.device)
+        final_rows = cls_row if pruning and cls_token_only else None
         selected_token_indices, selected_tokens = [], []
+
+        def pick(query: torch.Tensor, key: torch.Tensor) -> None:
+            """Records the layer's MAWS picks; the layer computes every row."""
+            selected_token_indices.append(self.maws(query, key))
+
+        def pick_and_keep(query: torch.Tensor, key: torch.Tensor) -> torch.LongTensor:
+            """Records the layer's MAWS picks; the layer computes the CLS row and the picks' rows only."""
+            picks = self.maws(query, key)
+            selected_token_indices.append(picks)
+            return torch.cat([cls_row, picks], dim=1)
+
         for index, layer in enumerate(self.layer):
-            rows = last_plain_rows if index == len(self.layer) - 1 else "all"
-            hidden_states, probabilities, picks = layer(
-                hidden_states, output_attentions, self.num_token if fusing else 0, rows
-            )
+            last = index == len(self.layer) - 1
             if fusing:
-                selected_token_indices.append(picks)
-                # A "cls_and_picks" layer's output is already (batch, 1 + num_token, hidden), its picks after CLS.
+                rows = pick_and_keep if last and pruning else pick
+            else:
+                rows = final_rows if last else None
+            hidden_states, probabilities, computed_rows = layer(hidden_states, output_attentions, rows)
+            if fusing:
+                # A pruned layer's output is already [CLS, picks] (batch, 1 + num_token, hidden).
+                picks = selected_token_indices[-1]
                 selected_tokens.append(
-                    hidden_states[:, 1:] if rows == "cls_and_picks" else gather_tokens(hidden_states, picks)
+                    hidden_states[:, 1:] if computed_rows is not None else gather_tokens(hidden_states, picks)
                 )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -439,12 +439,22 @@ class FFVTEncoder(nn.Module):
 
         if fusing:
             fusion_input = torch.cat([hidden_states[:, :1], *selected_tokens], dim=1)
-            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions, 0, final_rows)
+            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions, final_rows)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (probabilities,)
         return hidden_states, all_hidden_states, all_attentions, tuple(selected_token_indices)
+
+    def maws(self, query: torch.Tensor, key: torch.Tensor) -> torch.LongTensor:
+        """
+        The `num_token` tokens MAWS picks from a layer's queries and keys (batch, heads, tokens, head_dim), best first:
+        (batch, num_token). Registers take part in both softmaxes, as they do in attention, but are never candidates.
+        Picks only rank tokens, so they need no gradient.
+        """
+        with torch.no_grad():
+            scores = mutual_attention_scores(query, key, self.scaling)
+            return exclude_registers(scores, self.num_register_tokens).topk(self.num_token, dim=-1).indices
 
 
 # What save_pretrained writes into config.json, so that every Auto class finds the code shipped beside the weights.
