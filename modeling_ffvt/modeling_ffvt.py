@@ -468,6 +468,9 @@ _AUTO_MAP = {
 class FFVTPreTrainedModel(ViTPreTrainedModel):
     config: FFVTConfig
     config_class = FFVTConfig
+    # The attribute FFVTForImageClassification keeps its FFVTModel in, as ViT's classifier does: a ViT checkpoint's
+    # `vit.` names load as they are, and base-model checkpoints load into the classifier.
+    base_model_prefix = "vit"
     _no_split_modules = ["FFVTEmbeddings", "FFVTLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -630,7 +633,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     @classmethod
-    def from_vit_pretrained(
+    def from_backbone(
         cls,
         pretrained_model_name_or_path: str,
         num_labels: int,
@@ -679,6 +682,11 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         model = cls(config)
         load_backbone(model, checkpoint)
         return model
+
+    @classmethod
+    def from_vit_pretrained(cls, *args, **kwargs) -> "FFVTForImageClassification":
+        """The name [`from_backbone`] had when FFVT started from ViT alone; kept for earlier callers."""
+        return cls.from_backbone(*args, **kwargs)
 
 
 __all__ = [
