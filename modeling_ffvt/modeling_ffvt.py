@@ -4,7 +4,9 @@ The parts FFVT shares with ViT carry the parameter names Hub ViT checkpoints are
 (`vit.encoder.layer.N.attention.attention.query`, ...), so those checkpoints map onto FFVT as they are. The layers are
 defined here rather than borrowed from transformers' ViT, whose internals change between releases. Four switches of
 FFVTConfig cover the other backbones FFVT starts from (DINOv2, DINOv2 with registers, CLIP): layer scale, register
-tokens, a LayerNorm on the embeddings and a patch projection without bias; loading.py maps their checkpoints.
+tokens, a LayerNorm on the embeddings and a patch projection without bias; DINOv3 adds rotary position embeddings
+(`position_embedding_type="rope"`), a gated MLP (also DINOv2 giant's) and separate bias switches. loading.py maps their
+checkpoints.
 """
 
 import math
@@ -19,6 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.dinov3_vit.modeling_dinov3_vit import augment_patches_center_coordinates
 from transformers.utils import ModelOutput
 
 from .configuration_ffvt import FFVTConfig, _pair, patch_grid
@@ -103,7 +106,12 @@ class FFVTEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.patch_embeddings = FFVTPatchEmbeddings(config)
         num_positions = 1 + self.grid_size[0] * self.grid_size[1]
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        # Rotary models (DINOv3) rotate queries and keys in attention instead: no table to add.
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+            if config.position_embedding_type == "absolute"
+            else None
+        )
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
             if config.num_register_tokens
@@ -137,7 +145,9 @@ class FFVTEmbeddings(nn.Module):
                 f"{tuple(pixel_values.shape)}: convert images to {self.config.num_channels} channels (RGB) first."
             )
         height, width = pixel_values.shape[-2:]
-        if interpolate_pos_encoding:
+        if self.position_embeddings is None:
+            positions = 0  # rotary positions work at any size the patch size divides
+        elif interpolate_pos_encoding:
             positions = self.interpolate_pos_encoding(*patch_grid((height, width), self.config.patch_size))
         elif (height, width) != _pair(self.config.image_size):
             raise ValueError(
@@ -154,6 +164,54 @@ class FFVTEmbeddings(nn.Module):
             registers = self.register_tokens.expand(batch_size, -1, -1)
             embeddings = torch.cat([embeddings[:, :1], registers, embeddings[:, 1:]], dim=1)
         return self.dropout(self.layernorm(embeddings))  # (batch, 1 + registers + patches, hidden)
+
+
+class FFVTRotaryEmbedding(nn.Module):
+    """
+    DINOv3's 2-D rotary position embeddings, as cos and sin tables for the whole sequence [CLS, registers, patches].
+
+    Patch p of an h x w grid has centre coordinates (y, x), each in [-1, 1]; in training mode they are shifted,
+    jittered and rescaled as the configuration says, with transformers' DINOv3 code. The first quarter of each head's
+    frequencies rotates by y, the second by x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0: the
+    identity, so that they stay unrotated wherever they travel (the fusion layer may get the CLS token among the picks).
+    """
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+
+    def forward(self, grid_height: int, grid_width: int, dtype: torch.dtype, device: torch.device):
+        """Returns (cos, sin), each (1, 1 + registers + grid_height * grid_width, head_dim), in `dtype`."""
+        config = self.config
+        device_type = device.type if device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # float32 whatever the autocast, as DINOv3's
+            rows = (torch.arange(0.5, grid_height, dtype=torch.float32, device=device) / grid_height) * 2 - 1
+            columns = (torch.arange(0.5, grid_width, dtype=torch.float32, device=device) / grid_width) * 2 - 1
+            coordinates = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).flatten(0, 1)  # (patches, 2)
+            if self.training:
+                coordinates = augment_patches_center_coordinates(
+                    coordinates, config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale
+                )
+            exponents = torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32, device=device)
+            inverse_frequencies = 1 / config.rope_theta**exponents  # (head_dim / 4,)
+            angles = 2 * math.pi * coordinates[:, :, None] * inverse_frequencies  # (patches, 2, head_dim / 4)
+            angles = angles.flatten(1, 2).tile(2)  # (patches, head_dim)
+            num_prefix = 1 + config.num_register_tokens
+            cos = torch.cat([angles.new_ones(num_prefix, self.head_dim), torch.cos(angles)])
+            sin = torch.cat([angles.new_zeros(num_prefix, self.head_dim), torch.sin(angles)])
+        return cos[None].to(dtype), sin[None].to(dtype)
+
+
+def rotate_half(tokens: torch.Tensor) -> torch.Tensor:
+    first, second = tokens.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates queries or keys (batch, heads, tokens, head_dim) by (batch or 1, tokens, head_dim) cos and sin tables."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return tokens * cos + rotate_half(tokens) * sin
 
 
 def eager_attention_forward(
@@ -204,8 +262,8 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tens
 
 
 # Which rows (queries) of its output a layer computes: all of them (None), the rows a (batch, rows) LongTensor names, or
-# the rows a function of the layer's queries and keys (batch, heads, tokens, head_dim) returns, for rows that depend on
-# the layer's own attention (MAWS's picks).
+# the rows a function of the layer's queries and keys (batch, heads, tokens, head_dim, rotated under RoPE) returns, for
+# rows that depend on the layer's own attention (MAWS's picks).
 QueryRows = torch.LongTensor | Callable[[torch.Tensor, torch.Tensor], torch.LongTensor | None] | None
 # What attention and layers return: the output, the attention probabilities (or None), the rows computed (None: all).
 LayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]
@@ -220,9 +278,9 @@ class FFVTSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # transformers' sdpa function reads this and would otherwise mask causally
         self.dropout_prob = config.attention_probs_dropout_prob
-        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.query_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.key_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.value_bias)
 
     def attention_function(self, output_attentions: bool):
         if output_attentions or self.config._attn_implementation in (None, "eager"):
@@ -234,22 +292,29 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
         """
         Attention of the rows `query_rows` names (see [`QueryRows`]) over every token of `hidden_states` (batch, tokens,
-        hidden), as cross-attention attends over other keys. Every query is projected once: a function in
-        `query_rows` reads them all, and the rows kept are gathered from them. Returns the output (batch, rows,
-        hidden), the probabilities (with `output_attentions`) and the rows computed (None when all were).
+        hidden), as cross-attention attends over other keys. Under RoPE, `position_embeddings` are the (cos, sin)
+        tables of these tokens, (batch or 1, tokens, head_dim), and rotate queries and keys first. Every query is
+        projected once: a function in `query_rows` reads them all, and the rows kept are gathered from them. Returns
+        the output (batch, rows, hidden), the probabilities (with `output_attentions`) and the rows computed (None
+        when all were).
         """
-        query = self.query(hidden_states)
+        query = self.split_heads(self.query(hidden_states))
         key = self.split_heads(self.key(hidden_states))
         value = self.split_heads(self.value(hidden_states))
+        if position_embeddings is not None:
+            query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
         if callable(query_rows):
-            query_rows = query_rows(self.split_heads(query), key)
+            query_rows = query_rows(query, key)
         if query_rows is not None:
-            query = gather_tokens(query, query_rows)
-        query = self.split_heads(query)
+            query = gather_tokens(query.transpose(1, 2), query_rows).transpose(1, 2)  # (batch, heads, rows, head_dim)
 
         attend = self.attention_function(output_attentions)
         dropout = self.dropout_prob if self.training else 0.0
@@ -267,7 +332,7 @@ class FFVTSelfOutput(nn.Module):
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -281,9 +346,13 @@ class FFVTAttention(nn.Module):
         self.output = FFVTSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
-        output, probabilities, rows = self.attention(hidden_states, output_attentions, query_rows)
+        output, probabilities, rows = self.attention(hidden_states, output_attentions, query_rows, position_embeddings)
         return self.output(output), probabilities, rows
 
 
@@ -292,16 +361,19 @@ class FFVTMlpLinear(nn.Linear):
 
 
 class FFVTIntermediate(nn.Module):
-    """First half of the MLP: linear, activation, dropout."""
+    """First half of the MLP: linear, activation, dropout; gated (`act(gate(x)) * dense(x)`) with `use_gated_mlp`."""
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
+        self.gate = FFVTMlpLinear(config.hidden_size, config.intermediate_size) if config.use_gated_mlp else None
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.activation(self.dense(hidden_states)))
+        if self.gate is None:
+            return self.dropout(self.activation(self.dense(hidden_states)))
+        return self.dropout(self.activation(self.gate(hidden_states)) * self.dense(hidden_states))
 
 
 class FFVTOutput(nn.Module):
@@ -343,14 +415,19 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.mlp_layer_scale = FFVTLayerScale(config) if layer_scale else nn.Identity()
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_rows: QueryRows = None
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
         """
-        `hidden_states` is (batch, tokens, hidden); `query_rows` as in [`FFVTSelfAttention.forward`]. Returns the
-        output at the rows computed (batch, rows, hidden), the probabilities and the rows computed (None: all).
+        `hidden_states` is (batch, tokens, hidden); `query_rows` and `position_embeddings` as in
+        [`FFVTSelfAttention.forward`]. Returns the output at the rows computed (batch, rows, hidden), the
+        probabilities and the rows computed (None: all).
         """
         attended, probabilities, rows = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, query_rows
+            self.layernorm_before(hidden_states), output_attentions, query_rows, position_embeddings
         )
         residual = hidden_states if rows is None else gather_tokens(hidden_states, rows)
         hidden_states = residual + self.attention_layer_scale(attended)
@@ -380,6 +457,7 @@ class FFVTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cls_token_only: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[
         torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]
     ]:
@@ -390,6 +468,9 @@ class FFVTEncoder(nn.Module):
                                    picks = MAWS(that layer's attention)            # (batch, num_token)
                                    selected += hidden_states[picks]                # (batch, num_token, hidden)
             fusion layer on [hidden_states[CLS], *selected]           # (batch, 1 + (layers - 1) * num_token, hidden)
+
+        Under RoPE, `position_embeddings` are the sequence's (cos, sin) tables (1, tokens, head_dim); the fusion layer
+        gets each pick's own rows of them (the CLS token's, the identity, also where MAWS picked it).
 
         Returns the last layer's output, the hidden states and attentions asked for, and each plain layer's picks.
         """
@@ -425,7 +506,9 @@ class FFVTEncoder(nn.Module):
                 rows = pick_and_keep if last and pruning else pick
             else:
                 rows = final_rows if last else None
-            hidden_states, probabilities, computed_rows = layer(hidden_states, output_attentions, rows)
+            hidden_states, probabilities, computed_rows = layer(
+                hidden_states, output_attentions, rows, position_embeddings
+            )
             if fusing:
                 # A pruned layer's output is already [CLS, picks] (batch, 1 + num_token, hidden).
                 picks = selected_token_indices[-1]
@@ -439,7 +522,16 @@ class FFVTEncoder(nn.Module):
 
         if fusing:
             fusion_input = torch.cat([hidden_states[:, :1], *selected_tokens], dim=1)
-            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions, final_rows)
+            fusion_positions = None
+            if position_embeddings is not None:
+                fusion_indices = torch.cat([cls_row, *selected_token_indices], dim=1)  # (batch, fusion tokens)
+                fusion_positions = tuple(
+                    gather_tokens(table.expand(fusion_indices.shape[0], -1, -1), fusion_indices)
+                    for table in position_embeddings
+                )
+            hidden_states, probabilities, _ = self.fusion_layer(
+                fusion_input, output_attentions, final_rows, fusion_positions
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -490,7 +582,8 @@ class FFVTPreTrainedModel(ViTPreTrainedModel):
         """
         # transformers skips modules that own no parameters themselves, so each rule names the owning module.
         if isinstance(module, FFVTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
             if module.register_tokens is not None:
                 init.trunc_normal_(module.register_tokens, std=self.config.initializer_range)
@@ -523,6 +616,7 @@ class FFVTModel(FFVTPreTrainedModel):
     def __init__(self, config: FFVTConfig):
         super().__init__(config)
         self.embeddings = FFVTEmbeddings(config)
+        self.rope_embeddings = FFVTRotaryEmbedding(config) if config.position_embedding_type == "rope" else None
         self.encoder = FFVTEncoder(config)
         # Named apart from ViT's `layernorm` so that a ViT checkpoint's final norm, which the original never loads
         # with fusion on, stays freshly initialised.
@@ -570,8 +664,12 @@ class FFVTModel(FFVTPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, 1 + patches, hidden)
+        position_embeddings = None
+        if self.rope_embeddings is not None:
+            grid = patch_grid(pixel_values.shape[-2:], self.config.patch_size)
+            position_embeddings = self.rope_embeddings(*grid, embeddings.dtype, embeddings.device)
         hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
-            embeddings, output_attentions, output_hidden_states, cls_token_only
+            embeddings, output_attentions, output_hidden_states, cls_token_only, position_embeddings
         )
         final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
         output = FFVTModelOutput(final_norm(hidden_states), all_hidden_states, all_attentions, selected)
