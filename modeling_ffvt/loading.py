@@ -9,8 +9,8 @@ Families:
     DINOV2_WITH_REGISTERS  `Dinov2WithRegistersModel` checkpoints (facebook/dinov2-with-registers-base, ...).
     CLIP                   The vision tower of `CLIPModel` or `CLIPVisionModel` checkpoints
                            (openai/clip-vit-base-patch16, ...), under `vision_model.` as the Hub stores them.
-    DINOV3                 `DINOv3ViTModel` checkpoints as the Hub stores them (facebook/dinov3-vitb16-pretrain-lvd1689m,
-                           ...): rotary positions, no position table.
+    DINOV3                 `DINOv3ViTModel` checkpoints as the Hub stores them
+                           (facebook/dinov3-vitb16-pretrain-lvd1689m, ...): rotary positions, no position table.
     DINOV2_SWIGLU, DINOV2_WITH_REGISTERS_SWIGLU
                            DINOv2 giant (`use_swiglu_ffn`), with and without registers.
     ORIGINAL_FFVT          What the original FFVT `train.py` saves (github:Markin-Wang/FFVT).

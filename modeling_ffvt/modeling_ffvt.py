@@ -10,8 +10,8 @@ checkpoints.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -171,8 +171,8 @@ class FFVTRotaryEmbedding(nn.Module):
     DINOv3's 2-D rotary position embeddings, as cos and sin tables for the whole sequence [CLS, registers, patches].
 
     Patch p of an h x w grid has centre coordinates (y, x), each in [-1, 1]; in training mode they are shifted,
-    jittered and rescaled as the configuration says, with transformers' DINOv3 code. The first quarter of each head's
-    frequencies rotates by y, the second by x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0: the
+    jittered and rescaled as the configuration says, with transformers' DINOv3 code. Half of each head's rotation
+    frequencies turn with y, the other half with x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0: the
     identity, so that they stay unrotated wherever they travel (the fusion layer may get the CLS token among the picks).
     """
 
@@ -188,7 +188,8 @@ class FFVTRotaryEmbedding(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):  # float32 whatever the autocast, as DINOv3's
             rows = (torch.arange(0.5, grid_height, dtype=torch.float32, device=device) / grid_height) * 2 - 1
             columns = (torch.arange(0.5, grid_width, dtype=torch.float32, device=device) / grid_width) * 2 - 1
-            coordinates = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).flatten(0, 1)  # (patches, 2)
+            # (patches, 2): (y, x) of each patch centre, row-major as the patches are ordered
+            coordinates = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).flatten(0, 1)
             if self.training:
                 coordinates = augment_patches_center_coordinates(
                     coordinates, config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     AutoModelForImageClassification,
     Dinov2Config,
@@ -26,9 +27,10 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer, a
 
 from conftest import digit_image, digits_of, hidden_package_script, run_python, write_digits
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
-from modeling_ffvt.loading import DINOV3, image_normalization
-from modeling_ffvt.selection_map import draw_selection_map, model_input_image, selection_map
 from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.loading import DINOV3, image_normalization
+from modeling_ffvt.predict import main as predict_main
+from modeling_ffvt.selection_map import draw_selection_map, model_input_image, selection_map
 from test_backbones import (
     NUM_REGISTERS,
     NUM_TOKEN,
@@ -317,6 +319,23 @@ def test_dinov3_selection_map_is_drawn_from_the_picks(dinov3):
     shifted = [picks - NUM_REGISTERS * (picks > 0) for picks in outputs.selected_token_indices]
     expected = draw_selection_map(model_input_image(pixel_values[0], processor), shifted, (8, 8), 4)
     assert picture.tobytes() == expected.tobytes()
+
+
+def test_ffvt_predict_draws_the_selection_map_of_a_dinov3_model(dinov3, tmp_path):
+    folder, _ = dinov3["gated_registers"]
+    model = randomise(FFVTForImageClassification.from_backbone(str(folder), num_labels=3, num_token=NUM_TOKEN))
+    model.save_pretrained(tmp_path / "model")
+    processor = make_image_processor(32, 36, MEAN, STD)
+    processor.save_pretrained(tmp_path / "model")
+    digit_image(4).save(tmp_path / "digit.png")
+    predict_main([str(tmp_path / "digit.png"), "--model", str(tmp_path / "model"), "--selection_map",
+                  str(tmp_path / "map.png")])
+    pixel_values = processor(digit_image(4).convert("RGB"), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        picks = model(pixel_values).selected_token_indices
+    patch_picks = [layer[0] - NUM_REGISTERS * (layer[0] > 0) for layer in picks]  # numbered without registers
+    expected = draw_selection_map(model_input_image(pixel_values[0], processor), patch_picks, (8, 8), 4)
+    assert Image.open(tmp_path / "map.png").convert("RGB").tobytes() == expected.convert("RGB").tobytes()
 
 
 @pytest.mark.slow
