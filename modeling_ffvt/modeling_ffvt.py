@@ -302,20 +302,30 @@ class FFVTSelfAttention(nn.Module):
         """
         Attention of the rows `query_rows` names (see [`QueryRows`]) over every token of `hidden_states` (batch, tokens,
         hidden), as cross-attention attends over other keys. Under RoPE, `position_embeddings` are the (cos, sin)
-        tables of these tokens, (batch or 1, tokens, head_dim), and rotate queries and keys first. Every query is
-        projected once: a function in `query_rows` reads them all, and the rows kept are gathered from them. Returns
+        tables of these tokens, (batch or 1, tokens, head_dim), and rotate queries and keys. Each query is projected
+        at most once: only the named rows' for a LongTensor; all of them for a function, which reads them, the rows
+        it returns then gathered. Returns
         the output (batch, rows, hidden), the probabilities (with `output_attentions`) and the rows computed (None
         when all were).
         """
-        query = self.split_heads(self.query(hidden_states))
         key = self.split_heads(self.key(hidden_states))
         value = self.split_heads(self.value(hidden_states))
+        # Rows named beforehand are the only queries projected; rows a function chooses are gathered from the queries
+        # it read.
+        known_rows = isinstance(query_rows, torch.Tensor)
+        query = self.split_heads(self.query(gather_tokens(hidden_states, query_rows) if known_rows else hidden_states))
         if position_embeddings is not None:
-            query, key = apply_rotary(query, *position_embeddings), apply_rotary(key, *position_embeddings)
+            key = apply_rotary(key, *position_embeddings)
+            if known_rows:
+                batch_size = hidden_states.shape[0]
+                position_embeddings = [
+                    gather_tokens(table.expand(batch_size, -1, -1), query_rows) for table in position_embeddings
+                ]
+            query = apply_rotary(query, *position_embeddings)
         if callable(query_rows):
             query_rows = query_rows(query, key)
-        if query_rows is not None:
-            query = gather_tokens(query.transpose(1, 2), query_rows).transpose(1, 2)  # (batch, heads, rows, head_dim)
+            if query_rows is not None:  # (batch, heads, rows, head_dim)
+                query = gather_tokens(query.transpose(1, 2), query_rows).transpose(1, 2)
 
         attend = self.attention_function(output_attentions)
         dropout = self.dropout_prob if self.training else 0.0
