@@ -304,9 +304,8 @@ class FFVTSelfAttention(nn.Module):
         hidden), as cross-attention attends over other keys. Under RoPE, `position_embeddings` are the (cos, sin)
         tables of these tokens, (batch or 1, tokens, head_dim), and rotate queries and keys. Each query is projected
         at most once: only the named rows' for a LongTensor; all of them for a function, which reads them, the rows
-        it returns then gathered. Returns
-        the output (batch, rows, hidden), the probabilities (with `output_attentions`) and the rows computed (None
-        when all were).
+        it returns then gathered. Returns the output (batch, rows, hidden), the probabilities (with
+        `output_attentions`) and the rows computed (None when all were).
         """
         key = self.split_heads(self.key(hidden_states))
         value = self.split_heads(self.value(hidden_states))
