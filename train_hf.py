@@ -402,7 +402,7 @@ def load_model(args, names, labels):
         if args.vit_npz:
             architecture.setdefault("image_size", 448)  # the paper's resolution; the .npz does not record one
         try:
-            return FFVTForImageClassification.from_vit_pretrained(
+            return FFVTForImageClassification.from_backbone(
                 args.vit_npz or args.model_name_or_path, **head, **architecture
             )
         except (OSError, ValueError) as error:  # OSError: a folder or Hub id without weights

@@ -24,10 +24,10 @@ def convert_vit_npz(
     **config_kwargs,
 ) -> FFVTForImageClassification:
     """
-    Builds FFVT from the `.npz` with `FFVTForImageClassification.from_vit_pretrained`, saves it with its image
+    Builds FFVT from the `.npz` with `FFVTForImageClassification.from_backbone`, saves it with its image
     processor if a folder is given, and returns it.
     """
-    model = FFVTForImageClassification.from_vit_pretrained(
+    model = FFVTForImageClassification.from_backbone(
         npz_path, num_labels, image_size, num_token=num_token, feature_fusion=feature_fusion, **config_kwargs
     )
     if pytorch_dump_folder_path is not None:

@@ -66,6 +66,30 @@ class FFVTConfig(ViTConfig):
             Learned tokens placed after the CLS token, without position embeddings, as in DINOv2 with registers: a
             layer's sequence is [CLS, registers, patches]. Registers take part in attention and in MAWS's softmaxes
             but are never picked.
+        position_embedding_type (`str`, *optional*, defaults to `"absolute"`):
+            `"absolute"`: a learned table added to the CLS token and the patches (ViT, DINOv2, CLIP). `"rope"`:
+            DINOv3's 2-D rotary position embeddings, which rotate the queries and keys of the patches by the
+            coordinates of their centres (normalised to [-1, 1] over the patch grid) and leave the CLS and register
+            tokens unrotated; there is no table, so any image size that `patch_size` divides works as it is.
+        rope_theta (`float`, *optional*, defaults to 100.0):
+            Base period of the rotary embeddings (`"rope"` only).
+        pos_embed_shift (`float`, *optional*):
+            In training mode, the patch coordinates shift by a uniform value in [-shift, shift] per axis, as DINOv3
+            trains (`"rope"` only; `None`: no shift).
+        pos_embed_jitter (`float`, *optional*):
+            In training mode, each coordinate axis is scaled by a log-uniform value in [1/jitter, jitter]
+            (`"rope"` only; `None`: no jitter).
+        pos_embed_rescale (`float`, *optional*):
+            In training mode, both coordinate axes are scaled by one log-uniform value in [1/rescale, rescale]
+            (`"rope"` only; `None`: no rescaling; DINOv3 checkpoints say 2.0).
+        use_gated_mlp (`bool`, *optional*, defaults to `False`):
+            Whether each MLP is gated, `down(act(gate(x)) * up(x))`, as in DINOv3 H+ and 7B and (with `"silu"`)
+            DINOv2 giant's SwiGLU; `intermediate_size` is then the width of the gate and of the up projection.
+        query_bias, key_bias, value_bias (`bool`, *optional*):
+            Whether the query, key and value projections have a bias, each on its own (DINOv3's keys have none);
+            `None`, the default, follows `qkv_bias`.
+        proj_bias (`bool`, *optional*, defaults to `True`):
+            Whether the attention's output projection has a bias.
         num_token (`int`, *optional*, defaults to 12):
             Number of tokens MAWS keeps from each layer before the fusion layer (12 in the paper, 24 for Stanford
             Dogs). The fusion layer sees `1 + (num_hidden_layers - 1) * num_token` tokens. At most the number of
@@ -101,6 +125,16 @@ class FFVTConfig(ViTConfig):
     embeddings_layernorm: bool = False
     layerscale_value: float | int | None = None
     num_register_tokens: int = 0
+    position_embedding_type: str = "absolute"
+    rope_theta: float | int = 100.0
+    pos_embed_shift: float | int | None = None
+    pos_embed_jitter: float | int | None = None
+    pos_embed_rescale: float | int | None = None
+    use_gated_mlp: bool = False
+    query_bias: bool | None = None
+    key_bias: bool | None = None
+    value_bias: bool | None = None
+    proj_bias: bool = True
 
     def __init__(
         self,
@@ -114,6 +148,16 @@ class FFVTConfig(ViTConfig):
         embeddings_layernorm: bool = False,
         layerscale_value: float | None = None,
         num_register_tokens: int = 0,
+        position_embedding_type: str = "absolute",
+        rope_theta: float = 100.0,
+        pos_embed_shift: float | None = None,
+        pos_embed_jitter: float | None = None,
+        pos_embed_rescale: float | None = None,
+        use_gated_mlp: bool = False,
+        query_bias: bool | None = None,
+        key_bias: bool | None = None,
+        value_bias: bool | None = None,
+        proj_bias: bool = True,
         **kwargs,
     ):
         self.num_token = num_token
@@ -122,6 +166,13 @@ class FFVTConfig(ViTConfig):
         self.embeddings_layernorm = embeddings_layernorm
         self.layerscale_value = layerscale_value
         self.num_register_tokens = num_register_tokens
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = rope_theta
+        self.pos_embed_shift = pos_embed_shift
+        self.pos_embed_jitter = pos_embed_jitter
+        self.pos_embed_rescale = pos_embed_rescale
+        self.use_gated_mlp = use_gated_mlp
+        self.proj_bias = proj_bias
         # A training setting that configurations saved by earlier versions carry; the model's loss follows
         # problem_type alone.
         kwargs.pop("label_smoothing", None)
@@ -132,6 +183,10 @@ class FFVTConfig(ViTConfig):
             attention_probs_dropout_prob=attention_probs_dropout_prob,
             **kwargs,
         )
+        # Resolved here, after ViTConfig has set qkv_bias, so that config.json records each projection's own.
+        self.query_bias = self.qkv_bias if query_bias is None else query_bias
+        self.key_bias = self.qkv_bias if key_bias is None else key_bias
+        self.value_bias = self.qkv_bias if value_bias is None else value_bias
         self._check_sizes()
 
     @property
@@ -155,6 +210,16 @@ class FFVTConfig(ViTConfig):
             raise ValueError(
                 f"image_size {image_size} must be a positive multiple of patch_size {patch_size}: "
                 f"use an image size of {patch_size[0]} x k."
+            )
+        if self.position_embedding_type not in ("absolute", "rope"):
+            raise ValueError(
+                f"position_embedding_type must be 'absolute' or 'rope', got {self.position_embedding_type!r}."
+            )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if self.position_embedding_type == "rope" and head_dim % 4:
+            raise ValueError(
+                f"Rotary position embeddings need a head width (hidden_size / num_attention_heads = {head_dim}) that 4 "
+                "divides: change hidden_size or num_attention_heads."
             )
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be 0 or more, got {self.num_register_tokens}.")

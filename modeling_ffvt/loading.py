@@ -9,6 +9,10 @@ Families:
     DINOV2_WITH_REGISTERS  `Dinov2WithRegistersModel` checkpoints (facebook/dinov2-with-registers-base, ...).
     CLIP                   The vision tower of `CLIPModel` or `CLIPVisionModel` checkpoints
                            (openai/clip-vit-base-patch16, ...), under `vision_model.` as the Hub stores them.
+    DINOV3                 `DINOv3ViTModel` checkpoints as the Hub stores them
+                           (facebook/dinov3-vitb16-pretrain-lvd1689m, ...): rotary positions, no position table.
+    DINOV2_SWIGLU, DINOV2_WITH_REGISTERS_SWIGLU
+                           DINOv2 giant (`use_swiglu_ffn`), with and without registers.
     ORIGINAL_FFVT          What the original FFVT `train.py` saves (github:Markin-Wang/FFVT).
 
 A family is a `CheckpointFamily`: a table from FFVT's names to the family's, what its files are, how its position
@@ -335,6 +339,76 @@ DINOV2_WITH_REGISTERS = CheckpointFamily(
 )
 
 
+
+def _first_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.chunk(2)[0]
+
+
+def _second_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.chunk(2)[1]
+
+
+# DINOv2 giant's SwiGLU MLP computes `weights_out(silu(x1) * x2)` where (x1, x2) are the two halves of `weights_in(x)`:
+# the first half is the gate, the second the up projection.
+_SWIGLU_NAMES = {
+    "vit.encoder.layer.{i}.intermediate.gate.weight": ("encoder.layer.{i}.mlp.weights_in.weight", _first_half),
+    "vit.encoder.layer.{i}.intermediate.gate.bias": ("encoder.layer.{i}.mlp.weights_in.bias", _first_half),
+    "vit.encoder.layer.{i}.intermediate.dense.weight": ("encoder.layer.{i}.mlp.weights_in.weight", _second_half),
+    "vit.encoder.layer.{i}.intermediate.dense.bias": ("encoder.layer.{i}.mlp.weights_in.bias", _second_half),
+    "vit.encoder.layer.{i}.output.dense.weight": "encoder.layer.{i}.mlp.weights_out.weight",
+    "vit.encoder.layer.{i}.output.dense.bias": "encoder.layer.{i}.mlp.weights_out.bias",
+}
+DINOV2_SWIGLU = CheckpointFamily(
+    "a DINOv2 giant checkpoint (use_swiglu_ffn) in the Hub layout, with tensors named like "
+    "'encoder.layer.0.mlp.weights_in.weight'",
+    {**DINOV2.names, **_SWIGLU_NAMES},
+    resize_positions=DINOV2.resize_positions,
+)
+DINOV2_WITH_REGISTERS_SWIGLU = CheckpointFamily(
+    "a DINOv2-with-registers giant checkpoint (use_swiglu_ffn) in the Hub layout, with tensors named like "
+    "'embeddings.register_tokens' and 'encoder.layer.0.mlp.weights_in.weight'",
+    {**DINOV2_WITH_REGISTERS.names, **_SWIGLU_NAMES},
+    resize_positions=DINOV2_WITH_REGISTERS.resize_positions,
+)
+
+# DINOv3's ViT: no position table (rotary positions computed from the patch grid), registers after the CLS token, the
+# patch projection a bare Conv2d, attention projections named as in LLMs and an optional gated MLP. transformers 5.0
+# keeps the layers at `model.layer`, 5.24 at `model.model.layer`; both save them as `layer.N`.
+_DINOV3_LAYER = "layer.{i}."
+DINOV3 = CheckpointFamily(
+    "a DINOv3 ViT checkpoint in the Hub layout (a DINOv3ViTModel folder or Hub id), with tensors named like "
+    "'embeddings.cls_token' and 'layer.0.attention.q_proj.weight'",
+    {
+        "vit.embeddings.cls_token": "embeddings.cls_token",
+        "vit.embeddings.register_tokens": "embeddings.register_tokens",
+        "vit.embeddings.patch_embeddings.projection.weight": "embeddings.patch_embeddings.weight",
+        "vit.embeddings.patch_embeddings.projection.bias": "embeddings.patch_embeddings.bias",
+        "vit.encoder.layer.{i}.layernorm_before.weight": _DINOV3_LAYER + "norm1.weight",
+        "vit.encoder.layer.{i}.layernorm_before.bias": _DINOV3_LAYER + "norm1.bias",
+        "vit.encoder.layer.{i}.attention.attention.query.weight": _DINOV3_LAYER + "attention.q_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.query.bias": _DINOV3_LAYER + "attention.q_proj.bias",
+        "vit.encoder.layer.{i}.attention.attention.key.weight": _DINOV3_LAYER + "attention.k_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.key.bias": _DINOV3_LAYER + "attention.k_proj.bias",
+        "vit.encoder.layer.{i}.attention.attention.value.weight": _DINOV3_LAYER + "attention.v_proj.weight",
+        "vit.encoder.layer.{i}.attention.attention.value.bias": _DINOV3_LAYER + "attention.v_proj.bias",
+        "vit.encoder.layer.{i}.attention.output.dense.weight": _DINOV3_LAYER + "attention.o_proj.weight",
+        "vit.encoder.layer.{i}.attention.output.dense.bias": _DINOV3_LAYER + "attention.o_proj.bias",
+        "vit.encoder.layer.{i}.attention_layer_scale.lambda1": _DINOV3_LAYER + "layer_scale1.lambda1",
+        "vit.encoder.layer.{i}.layernorm_after.weight": _DINOV3_LAYER + "norm2.weight",
+        "vit.encoder.layer.{i}.layernorm_after.bias": _DINOV3_LAYER + "norm2.bias",
+        "vit.encoder.layer.{i}.intermediate.gate.weight": _DINOV3_LAYER + "mlp.gate_proj.weight",
+        "vit.encoder.layer.{i}.intermediate.gate.bias": _DINOV3_LAYER + "mlp.gate_proj.bias",
+        "vit.encoder.layer.{i}.intermediate.dense.weight": _DINOV3_LAYER + "mlp.up_proj.weight",
+        "vit.encoder.layer.{i}.intermediate.dense.bias": _DINOV3_LAYER + "mlp.up_proj.bias",
+        "vit.encoder.layer.{i}.output.dense.weight": _DINOV3_LAYER + "mlp.down_proj.weight",
+        "vit.encoder.layer.{i}.output.dense.bias": _DINOV3_LAYER + "mlp.down_proj.bias",
+        "vit.encoder.layer.{i}.mlp_layer_scale.lambda1": _DINOV3_LAYER + "layer_scale2.lambda1",
+        "vit.layernorm.weight": "norm.weight",
+        "vit.layernorm.bias": "norm.bias",
+    },
+)
+
+
 def _class_embedding(vector: torch.Tensor) -> torch.Tensor:
     return vector.view(1, 1, -1)
 
@@ -386,7 +460,10 @@ BACKBONE_FAMILIES = {
     "dinov2_with_registers": DINOV2_WITH_REGISTERS,
     "clip": CLIP,
     "clip_vision_model": CLIP,
+    "dinov3_vit": DINOV3,
 }
+# DINOv2 giant: the same family with a SwiGLU MLP, told apart by its config's `use_swiglu_ffn`.
+_SWIGLU_FAMILIES = {"dinov2": DINOV2_SWIGLU, "dinov2_with_registers": DINOV2_WITH_REGISTERS_SWIGLU}
 
 
 _ORIGINAL_NAMES = {
@@ -524,6 +601,11 @@ def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs
         return checkpoint
     model_type = PretrainedConfig.get_config_dict(source, **hub_kwargs)[0].get("model_type")
     family = BACKBONE_FAMILIES.get(model_type)
+    if model_type == "dinov3_convnext":
+        raise ValueError(
+            f"{source} is a DINOv3 ConvNeXt, a convolutional network: FFVT needs a ViT, e.g. a DINOv3 ViT "
+            "(facebook/dinov3-vitb16-pretrain-lvd1689m)."
+        )
     if family is None:
         raise ValueError(
             f"{source} is a {model_type!r} model; FFVT starts from {', '.join(map(repr, BACKBONE_FAMILIES))} "
@@ -531,13 +613,20 @@ def read_backbone(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs
         )
     backbone_config = AutoConfig.from_pretrained(source, **hub_kwargs)
     backbone_config = getattr(backbone_config, "vision_config", backbone_config)  # a CLIPModel's vision tower
-    if getattr(backbone_config, "use_swiglu_ffn", False):
-        raise ValueError(f"{source} has a SwiGLU MLP (DINOv2 giant), which FFVT does not implement.")
     settings = {"num_attention_heads": backbone_config.num_attention_heads, "hidden_act": backbone_config.hidden_act}
     if family is not HUB_VIT:
         settings["layer_norm_eps"] = backbone_config.layer_norm_eps
-    if family in (DINOV2, DINOV2_WITH_REGISTERS):
+    if family in (DINOV2, DINOV2_WITH_REGISTERS, DINOV3):
         settings["layerscale_value"] = backbone_config.layerscale_value
+    if model_type in _SWIGLU_FAMILIES and backbone_config.use_swiglu_ffn:
+        family = _SWIGLU_FAMILIES[model_type]
+        settings["hidden_act"] = "silu"  # DINOv2's SwiGLU gates with SiLU whatever hidden_act says
+    if family is DINOV3:
+        # No position table to read the image size from: the backbone's own.
+        settings["image_size"] = backbone_config.image_size
+        settings["position_embedding_type"] = "rope"
+        for name in ("rope_theta", "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale"):
+            settings[name] = getattr(backbone_config, name)
     tensors = read_checkpoint(source, family.description, **hub_kwargs)
     if model_type in _CLASSIFIER_PREFIXES:
         prefix = _CLASSIFIER_PREFIXES[model_type]
@@ -623,6 +712,10 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
         "patch_size": patch_size[0] if patch_size[0] == patch_size[1] else tuple(patch_size),
         "num_channels": num_channels,
         "qkv_bias": "vit.encoder.layer.0.attention.attention.query.bias" in checkpoint,
+        "key_bias": "vit.encoder.layer.0.attention.attention.key.bias" in checkpoint,
+        "value_bias": "vit.encoder.layer.0.attention.attention.value.bias" in checkpoint,
+        "proj_bias": "vit.encoder.layer.0.attention.output.dense.bias" in checkpoint,
+        "use_gated_mlp": "vit.encoder.layer.0.intermediate.gate.weight" in checkpoint,
         "patch_bias": "vit.embeddings.patch_embeddings.projection.bias" in checkpoint,
         "embeddings_layernorm": "vit.embeddings.layernorm.weight" in checkpoint,
     }
@@ -631,6 +724,8 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
     if "classifier.weight" in checkpoint:
         sizes["num_labels"] = checkpoint["classifier.weight"].shape[0]
     if config_kwargs.get("image_size") is None:
+        config_kwargs.pop("image_size", None)
+    if "image_size" not in config_kwargs and "image_size" not in checkpoint.settings:
         side = _square_grid_side(checkpoint["vit.embeddings.position_embeddings"])
         if side is None or patch_size[0] != patch_size[1]:
             raise ValueError(
@@ -667,7 +762,8 @@ def load_backbone(model: torch.nn.Module, checkpoint: Checkpoint):
     """
     tensors = {name: checkpoint[name] for name in model.state_dict() if name.startswith(_BACKBONE_PREFIXES)}
     positions = "vit.embeddings.position_embeddings"
-    tensors[positions] = checkpoint.family.resize_positions(tensors[positions], model.config.grid_size)
+    if positions in tensors:  # rotary models have none
+        tensors[positions] = checkpoint.family.resize_positions(tensors[positions], model.config.grid_size)
     _copy_into(model, tensors, checkpoint.source)
 
 
@@ -704,7 +800,10 @@ __all__ = [
     "BACKBONE_FAMILIES",
     "CLIP",
     "DINOV2",
+    "DINOV2_SWIGLU",
     "DINOV2_WITH_REGISTERS",
+    "DINOV2_WITH_REGISTERS_SWIGLU",
+    "DINOV3",
     "GOOGLE_NPZ",
     "HUB_VIT",
     "ORIGINAL_FFVT",

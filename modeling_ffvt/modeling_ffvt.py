@@ -4,12 +4,14 @@ The parts FFVT shares with ViT carry the parameter names Hub ViT checkpoints are
 (`vit.encoder.layer.N.attention.attention.query`, ...), so those checkpoints map onto FFVT as they are. The layers are
 defined here rather than borrowed from transformers' ViT, whose internals change between releases. Four switches of
 FFVTConfig cover the other backbones FFVT starts from (DINOv2, DINOv2 with registers, CLIP): layer scale, register
-tokens, a LayerNorm on the embeddings and a patch projection without bias; loading.py maps their checkpoints.
+tokens, a LayerNorm on the embeddings and a patch projection without bias; DINOv3 adds rotary position embeddings
+(`position_embedding_type="rope"`), a gated MLP (also DINOv2 giant's) and separate bias switches. loading.py maps their
+checkpoints.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.dinov3_vit.modeling_dinov3_vit import augment_patches_center_coordinates
 from transformers.utils import ModelOutput
 
 from .configuration_ffvt import FFVTConfig, _pair, patch_grid
@@ -103,7 +106,12 @@ class FFVTEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.patch_embeddings = FFVTPatchEmbeddings(config)
         num_positions = 1 + self.grid_size[0] * self.grid_size[1]
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        # Rotary models (DINOv3) rotate queries and keys in attention instead: no table to add.
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+            if config.position_embedding_type == "absolute"
+            else None
+        )
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
             if config.num_register_tokens
@@ -137,7 +145,9 @@ class FFVTEmbeddings(nn.Module):
                 f"{tuple(pixel_values.shape)}: convert images to {self.config.num_channels} channels (RGB) first."
             )
         height, width = pixel_values.shape[-2:]
-        if interpolate_pos_encoding:
+        if self.position_embeddings is None:
+            positions = 0  # rotary positions work at any size the patch size divides
+        elif interpolate_pos_encoding:
             positions = self.interpolate_pos_encoding(*patch_grid((height, width), self.config.patch_size))
         elif (height, width) != _pair(self.config.image_size):
             raise ValueError(
@@ -154,6 +164,55 @@ class FFVTEmbeddings(nn.Module):
             registers = self.register_tokens.expand(batch_size, -1, -1)
             embeddings = torch.cat([embeddings[:, :1], registers, embeddings[:, 1:]], dim=1)
         return self.dropout(self.layernorm(embeddings))  # (batch, 1 + registers + patches, hidden)
+
+
+class FFVTRotaryEmbedding(nn.Module):
+    """
+    DINOv3's 2-D rotary position embeddings, as cos and sin tables for the whole sequence [CLS, registers, patches].
+
+    Patch p of an h x w grid has centre coordinates (y, x), each in [-1, 1]; in training mode they are shifted,
+    jittered and rescaled as the configuration says, with transformers' DINOv3 code. Half of each head's rotation
+    frequencies turn with y, the other half with x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0: the
+    identity, so that they stay unrotated wherever they travel (the fusion layer may get the CLS token among the picks).
+    """
+
+    def __init__(self, config: FFVTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+
+    def forward(self, grid_height: int, grid_width: int, dtype: torch.dtype, device: torch.device):
+        """Returns (cos, sin), each (1, 1 + registers + grid_height * grid_width, head_dim), in `dtype`."""
+        config = self.config
+        device_type = device.type if device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # float32 whatever the autocast, as DINOv3's
+            rows = (torch.arange(0.5, grid_height, dtype=torch.float32, device=device) / grid_height) * 2 - 1
+            columns = (torch.arange(0.5, grid_width, dtype=torch.float32, device=device) / grid_width) * 2 - 1
+            # (patches, 2): (y, x) of each patch centre, row-major as the patches are ordered
+            coordinates = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).flatten(0, 1)
+            if self.training:
+                coordinates = augment_patches_center_coordinates(
+                    coordinates, config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale
+                )
+            exponents = torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32, device=device)
+            inverse_frequencies = 1 / config.rope_theta**exponents  # (head_dim / 4,)
+            angles = 2 * math.pi * coordinates[:, :, None] * inverse_frequencies  # (patches, 2, head_dim / 4)
+            angles = angles.flatten(1, 2).tile(2)  # (patches, head_dim)
+            num_prefix = 1 + config.num_register_tokens
+            cos = torch.cat([angles.new_ones(num_prefix, self.head_dim), torch.cos(angles)])
+            sin = torch.cat([angles.new_zeros(num_prefix, self.head_dim), torch.sin(angles)])
+        return cos[None].to(dtype), sin[None].to(dtype)
+
+
+def rotate_half(tokens: torch.Tensor) -> torch.Tensor:
+    first, second = tokens.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates queries or keys (batch, heads, tokens, head_dim) by (batch or 1, tokens, head_dim) cos and sin tables."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return tokens * cos + rotate_half(tokens) * sin
 
 
 def eager_attention_forward(
@@ -203,22 +262,12 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.LongTensor) -> torch.Tens
     return tokens.gather(1, index)
 
 
-OutputRows = Literal["all", "cls", "cls_and_picks"]
-# What attention and layers return: the output, the attention probabilities (or None), MAWS's picks (or None).
+# Which rows (queries) of its output a layer computes: all of them (None), the rows a (batch, rows) LongTensor names, or
+# the rows a function of the layer's queries and keys (batch, heads, tokens, head_dim, rotated under RoPE) returns, for
+# rows that depend on the layer's own attention (MAWS's picks).
+QueryRows = torch.LongTensor | Callable[[torch.Tensor, torch.Tensor], torch.LongTensor | None] | None
+# What attention and layers return: the output, the attention probabilities (or None), the rows computed (None: all).
 LayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]
-
-
-def keep_rows(tokens: torch.Tensor, rows: OutputRows, picks: torch.LongTensor | None) -> torch.Tensor:
-    """
-    The rows of `tokens` (batch, tokens, ...) a layer computes: all of them, only the CLS token (all a classifier on
-    the CLS token needs of the last layer), or the CLS token followed by the layer's picks (all the layer before the
-    fusion layer needs, when nothing else of it is returned).
-    """
-    if rows == "cls":
-        return tokens[:, :1]
-    if rows == "cls_and_picks":
-        return gather_tokens(tokens, torch.cat([picks.new_zeros(picks.shape[0], 1), picks], dim=1))
-    return tokens
 
 
 class FFVTSelfAttention(nn.Module):
@@ -230,10 +279,9 @@ class FFVTSelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # transformers' sdpa function reads this and would otherwise mask causally
         self.dropout_prob = config.attention_probs_dropout_prob
-        self.num_register_tokens = config.num_register_tokens
-        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.query_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.key_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.value_bias)
 
     def attention_function(self, output_attentions: bool):
         if output_attentions or self.config._attn_implementation in (None, "eager"):
@@ -245,36 +293,48 @@ class FFVTSelfAttention(nn.Module):
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
         """
-        Returns the attention output, the probabilities (with `output_attentions`) and, when `num_token` is set, the
-        `num_token` tokens MAWS picks. `rows` says which rows of the output to compute, as in [`keep_rows`].
+        Attention of the rows `query_rows` names (see [`QueryRows`]) over every token of `hidden_states` (batch, tokens,
+        hidden), as cross-attention attends over other keys. Under RoPE, `position_embeddings` are the (cos, sin)
+        tables of these tokens, (batch or 1, tokens, head_dim), and rotate queries and keys. Each query is projected
+        at most once: only the named rows' for a LongTensor; all of them for a function, which reads them, the rows
+        it returns then gathered. Returns the output (batch, rows, hidden), the probabilities (with
+        `output_attentions`) and the rows computed (None when all were).
         """
-        key = self.split_heads(self.key, hidden_states)
-        value = self.split_heads(self.value, hidden_states)
-        # Only the kept rows' queries reach the output; MAWS reads every query, but only to rank tokens, so it needs
-        # no gradient.
-        query = self.split_heads(self.query, hidden_states) if rows == "all" else None
-        picks = None
-        if num_token:
-            with torch.no_grad():
-                maws_query = self.split_heads(self.query, hidden_states) if query is None else query
-                # Registers take part in both softmaxes, as they do in attention, but are never candidates.
-                scores = mutual_attention_scores(maws_query, key, self.scaling)
-                picks = exclude_registers(scores, self.num_register_tokens).topk(num_token, dim=-1).indices
-        if query is None:
-            query = self.split_heads(self.query, keep_rows(hidden_states, rows, picks))
+        key = self.split_heads(self.key(hidden_states))
+        value = self.split_heads(self.value(hidden_states))
+        # Rows named beforehand are the only queries projected; rows a function chooses are gathered from the queries
+        # it read.
+        known_rows = isinstance(query_rows, torch.Tensor)
+        query = self.split_heads(self.query(gather_tokens(hidden_states, query_rows) if known_rows else hidden_states))
+        if position_embeddings is not None:
+            key = apply_rotary(key, *position_embeddings)
+            if known_rows:
+                batch_size = hidden_states.shape[0]
+                position_embeddings = [
+                    gather_tokens(table.expand(batch_size, -1, -1), query_rows) for table in position_embeddings
+                ]
+            query = apply_rotary(query, *position_embeddings)
+        if callable(query_rows):
+            query_rows = query_rows(query, key)
+            if query_rows is not None:  # (batch, heads, rows, head_dim)
+                query = gather_tokens(query.transpose(1, 2), query_rows).transpose(1, 2)
 
         attend = self.attention_function(output_attentions)
         dropout = self.dropout_prob if self.training else 0.0
         output, probabilities = attend(self, query, key, value, None, scaling=self.scaling, dropout=dropout)
-        return output.flatten(2), probabilities if output_attentions else None, picks  # (batch, kept rows, hidden)
+        return output.flatten(2), probabilities if output_attentions else None, query_rows  # (batch, rows, hidden)
 
-    def split_heads(self, projection: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
-        """`projection` of `tokens` (batch, tokens, hidden), as (batch, heads, tokens, head_dim)."""
-        batch_size, num_tokens, _ = tokens.shape
-        return projection(tokens).view(batch_size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+    def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """Projected tokens (batch, tokens, hidden) as (batch, heads, tokens, head_dim)."""
+        batch_size, num_tokens, _ = projected.shape
+        return projected.view(batch_size, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
 
 class FFVTSelfOutput(nn.Module):
@@ -282,7 +342,7 @@ class FFVTSelfOutput(nn.Module):
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -296,10 +356,14 @@ class FFVTAttention(nn.Module):
         self.output = FFVTSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
-        output, probabilities, picks = self.attention(hidden_states, output_attentions, num_token, rows)
-        return self.output(output), probabilities, picks
+        output, probabilities, rows = self.attention(hidden_states, output_attentions, query_rows, position_embeddings)
+        return self.output(output), probabilities, rows
 
 
 class FFVTMlpLinear(nn.Linear):
@@ -307,16 +371,19 @@ class FFVTMlpLinear(nn.Linear):
 
 
 class FFVTIntermediate(nn.Module):
-    """First half of the MLP: linear, activation, dropout."""
+    """First half of the MLP: linear, activation, dropout; gated (`act(gate(x)) * dense(x)`) with `use_gated_mlp`."""
 
     def __init__(self, config: FFVTConfig):
         super().__init__()
         self.dense = FFVTMlpLinear(config.hidden_size, config.intermediate_size)
+        self.gate = FFVTMlpLinear(config.hidden_size, config.intermediate_size) if config.use_gated_mlp else None
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.activation(self.dense(hidden_states)))
+        if self.gate is None:
+            return self.dropout(self.activation(self.dense(hidden_states)))
+        return self.dropout(self.activation(self.gate(hidden_states)) * self.dense(hidden_states))
 
 
 class FFVTOutput(nn.Module):
@@ -358,19 +425,25 @@ class FFVTLayer(GradientCheckpointingLayer):
         self.mlp_layer_scale = FFVTLayerScale(config) if layer_scale else nn.Identity()
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, num_token: int = 0, rows: OutputRows = "all"
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: QueryRows = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LayerOutput:
         """
-        `hidden_states` is (batch, tokens, hidden); `num_token` and `rows` as in [`FFVTSelfAttention.forward`]. Returns
-        the output, (batch, tokens) or fewer rows as `rows` says, the probabilities and the picks.
+        `hidden_states` is (batch, tokens, hidden); `query_rows` and `position_embeddings` as in
+        [`FFVTSelfAttention.forward`]. Returns the output at the rows computed (batch, rows, hidden), the
+        probabilities and the rows computed (None: all).
         """
-        attended, probabilities, picks = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, num_token, rows
+        attended, probabilities, rows = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, query_rows, position_embeddings
         )
-        hidden_states = keep_rows(hidden_states, rows, picks) + self.attention_layer_scale(attended)
+        residual = hidden_states if rows is None else gather_tokens(hidden_states, rows)
+        hidden_states = residual + self.attention_layer_scale(attended)
         mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        hidden_states = hidden_states + self.mlp_layer_scale(mlp_output)  # (batch, kept rows, hidden)
-        return hidden_states, probabilities, picks
+        hidden_states = hidden_states + self.mlp_layer_scale(mlp_output)  # (batch, rows, hidden)
+        return hidden_states, probabilities, rows
 
 
 class FFVTEncoder(nn.Module):
@@ -383,6 +456,7 @@ class FFVTEncoder(nn.Module):
         super().__init__()
         self.num_token = config.num_token
         self.num_register_tokens = config.num_register_tokens
+        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
         num_plain_layers = config.num_hidden_layers - 1 if config.feature_fusion else config.num_hidden_layers
         self.layer = nn.ModuleList(FFVTLayer(config) for _ in range(num_plain_layers))
         self.fusion_layer = FFVTLayer(config) if config.feature_fusion else None
@@ -393,6 +467,7 @@ class FFVTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cls_token_only: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[
         torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[torch.LongTensor, ...]
     ]:
@@ -403,6 +478,9 @@ class FFVTEncoder(nn.Module):
                                    picks = MAWS(that layer's attention)            # (batch, num_token)
                                    selected += hidden_states[picks]                # (batch, num_token, hidden)
             fusion layer on [hidden_states[CLS], *selected]           # (batch, 1 + (layers - 1) * num_token, hidden)
+
+        Under RoPE, `position_embeddings` are the sequence's (cos, sin) tables (1, tokens, head_dim); the fusion layer
+        gets each pick's own rows of them (the CLS token's, the identity, also where MAWS picked it).
 
         Returns the last layer's output, the hidden states and attentions asked for, and each plain layer's picks.
         """
@@ -418,19 +496,34 @@ class FFVTEncoder(nn.Module):
         # Unless every layer's full output is returned, the last plain layer is needed only at its CLS token and its
         # picks (with fusion), and the final layer only at its CLS token when that is all the caller reads.
         pruning = not output_hidden_states and not output_attentions
-        final_rows = "cls" if pruning and cls_token_only else "all"
-        last_plain_rows = ("cls_and_picks" if pruning else "all") if fusing else final_rows
+        cls_row = torch.zeros(hidden_states.shape[0], 1, dtype=torch.long, device=hidden_states.device)
+        final_rows = cls_row if pruning and cls_token_only else None
         selected_token_indices, selected_tokens = [], []
+
+        def pick(query: torch.Tensor, key: torch.Tensor) -> None:
+            """Records the layer's MAWS picks; the layer computes every row."""
+            selected_token_indices.append(self.maws(query, key))
+
+        def pick_and_keep(query: torch.Tensor, key: torch.Tensor) -> torch.LongTensor:
+            """Records the layer's MAWS picks; the layer computes the CLS row and the picks' rows only."""
+            picks = self.maws(query, key)
+            selected_token_indices.append(picks)
+            return torch.cat([cls_row, picks], dim=1)
+
         for index, layer in enumerate(self.layer):
-            rows = last_plain_rows if index == len(self.layer) - 1 else "all"
-            hidden_states, probabilities, picks = layer(
-                hidden_states, output_attentions, self.num_token if fusing else 0, rows
+            last = index == len(self.layer) - 1
+            if fusing:
+                rows = pick_and_keep if last and pruning else pick
+            else:
+                rows = final_rows if last else None
+            hidden_states, probabilities, computed_rows = layer(
+                hidden_states, output_attentions, rows, position_embeddings
             )
             if fusing:
-                selected_token_indices.append(picks)
-                # A "cls_and_picks" layer's output is already (batch, 1 + num_token, hidden), its picks after CLS.
+                # A pruned layer's output is already [CLS, picks] (batch, 1 + num_token, hidden).
+                picks = selected_token_indices[-1]
                 selected_tokens.append(
-                    hidden_states[:, 1:] if rows == "cls_and_picks" else gather_tokens(hidden_states, picks)
+                    hidden_states[:, 1:] if computed_rows is not None else gather_tokens(hidden_states, picks)
                 )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -439,12 +532,31 @@ class FFVTEncoder(nn.Module):
 
         if fusing:
             fusion_input = torch.cat([hidden_states[:, :1], *selected_tokens], dim=1)
-            hidden_states, probabilities, _ = self.fusion_layer(fusion_input, output_attentions, 0, final_rows)
+            fusion_positions = None
+            if position_embeddings is not None:
+                fusion_indices = torch.cat([cls_row, *selected_token_indices], dim=1)  # (batch, fusion tokens)
+                fusion_positions = tuple(
+                    gather_tokens(table.expand(fusion_indices.shape[0], -1, -1), fusion_indices)
+                    for table in position_embeddings
+                )
+            hidden_states, probabilities, _ = self.fusion_layer(
+                fusion_input, output_attentions, final_rows, fusion_positions
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (probabilities,)
         return hidden_states, all_hidden_states, all_attentions, tuple(selected_token_indices)
+
+    def maws(self, query: torch.Tensor, key: torch.Tensor) -> torch.LongTensor:
+        """
+        The `num_token` tokens MAWS picks from a layer's queries and keys (batch, heads, tokens, head_dim), best first:
+        (batch, num_token). Registers take part in both softmaxes, as they do in attention, but are never candidates.
+        Picks only rank tokens, so they need no gradient.
+        """
+        with torch.no_grad():
+            scores = mutual_attention_scores(query, key, self.scaling)
+            return exclude_registers(scores, self.num_register_tokens).topk(self.num_token, dim=-1).indices
 
 
 # What save_pretrained writes into config.json, so that every Auto class finds the code shipped beside the weights.
@@ -458,6 +570,9 @@ _AUTO_MAP = {
 class FFVTPreTrainedModel(ViTPreTrainedModel):
     config: FFVTConfig
     config_class = FFVTConfig
+    # The attribute FFVTForImageClassification keeps its FFVTModel in, as ViT's classifier does: a ViT checkpoint's
+    # `vit.` names load as they are, and base-model checkpoints load into the classifier.
+    base_model_prefix = "vit"
     _no_split_modules = ["FFVTEmbeddings", "FFVTLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -477,7 +592,8 @@ class FFVTPreTrainedModel(ViTPreTrainedModel):
         """
         # transformers skips modules that own no parameters themselves, so each rule names the owning module.
         if isinstance(module, FFVTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
             if module.register_tokens is not None:
                 init.trunc_normal_(module.register_tokens, std=self.config.initializer_range)
@@ -510,6 +626,7 @@ class FFVTModel(FFVTPreTrainedModel):
     def __init__(self, config: FFVTConfig):
         super().__init__(config)
         self.embeddings = FFVTEmbeddings(config)
+        self.rope_embeddings = FFVTRotaryEmbedding(config) if config.position_embedding_type == "rope" else None
         self.encoder = FFVTEncoder(config)
         # Named apart from ViT's `layernorm` so that a ViT checkpoint's final norm, which the original never loads
         # with fusion on, stays freshly initialised.
@@ -557,8 +674,12 @@ class FFVTModel(FFVTPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)  # (batch, 1 + patches, hidden)
+        position_embeddings = None
+        if self.rope_embeddings is not None:
+            grid = patch_grid(pixel_values.shape[-2:], self.config.patch_size)
+            position_embeddings = self.rope_embeddings(*grid, embeddings.dtype, embeddings.device)
         hidden_states, all_hidden_states, all_attentions, selected = self.encoder(
-            embeddings, output_attentions, output_hidden_states, cls_token_only
+            embeddings, output_attentions, output_hidden_states, cls_token_only, position_embeddings
         )
         final_norm = self.fusion_layernorm if self.config.feature_fusion else self.layernorm
         output = FFVTModelOutput(final_norm(hidden_states), all_hidden_states, all_attentions, selected)
@@ -620,7 +741,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     @classmethod
-    def from_vit_pretrained(
+    def from_backbone(
         cls,
         pretrained_model_name_or_path: str,
         num_labels: int,
@@ -671,6 +792,11 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         model = cls(config)
         load_backbone(model, checkpoint)
         return model
+
+    @classmethod
+    def from_vit_pretrained(cls, *args, **kwargs) -> "FFVTForImageClassification":
+        """The name [`from_backbone`] had when FFVT started from ViT alone; kept for earlier callers."""
+        return cls.from_backbone(*args, **kwargs)
 
 
 __all__ = [

@@ -113,3 +113,22 @@ def test_original_checkpoint_of_a_non_square_grid_needs_an_image_size(tmp_path):
         image_size=((side - 1) * patch, side * patch),
     )
     assert model.config.grid_size == (side - 1, side)
+
+
+def test_from_vit_pretrained_is_from_backbone_and_base_models_load_under_the_prefix(tmp_path):
+    """The old name starts the same model; an FFVTModel saved alone loads into the classifier under `vit.`."""
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                             image_size=24, patch_size=6), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    torch.manual_seed(0)
+    started = FFVTForImageClassification.from_backbone(str(tmp_path / "vit"), num_labels=3, num_token=2)
+    torch.manual_seed(0)
+    aliased = FFVTForImageClassification.from_vit_pretrained(str(tmp_path / "vit"), num_labels=3, num_token=2)
+    assert started.state_dict().keys() == aliased.state_dict().keys()
+    assert all(torch.equal(tensor, aliased.state_dict()[name]) for name, tensor in started.state_dict().items())
+
+    assert FFVTForImageClassification.base_model_prefix == "vit"
+    started.vit.save_pretrained(tmp_path / "base")  # names without the `vit.` prefix
+    reloaded = FFVTForImageClassification.from_pretrained(tmp_path / "base")
+    for name, tensor in started.vit.state_dict().items():
+        assert torch.equal(reloaded.vit.state_dict()[name], tensor), name
