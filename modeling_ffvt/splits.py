@@ -224,15 +224,14 @@ def find_unreadable_rows(
     part: datasets.Dataset, column: str, key: str, target_size: tuple[int, int] | None = None
 ) -> list[tuple[int, str, str]]:
     """(row, name, reason) for every image of split `key` that load_rgb rejects, decoding for `target_size` as
-    training and evaluation will. A file is named "key: its path"; an embedded image "key row N (its file name)",
-    since the names embedded images keep repeat across rows."""
+    training and evaluation will. A file is named by its path; an embedded image "key row N (its file name)", since the
+    names embedded images keep repeat across rows."""
     entries = list(part[column])
     names = [entry["path"] if entry["bytes"] is None else f"{key} row {row} ({entry['path'] or 'no file name'})"
              for row, entry in enumerate(entries)]
     named = ({**entry, "path": name} for entry, name in zip(entries, names))
     reasons = dict(find_unreadable_images(named, target_size=target_size))
-    return [(row, name if entries[row]["bytes"] is not None else f"{key}: {name}", reasons[name])
-            for row, name in enumerate(names) if name in reasons]
+    return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
 
 
 def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator, target_size=None) -> int:
@@ -244,7 +243,9 @@ def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator, ta
         found = {key: find_unreadable_rows(part, prepared.image_column, key, target_size)
                  for key, part in prepared.splits.items()}
     found = broadcast_object_list([found])[0]
-    bad = [f"  {name} ({reason})" for rows in found.values() for _, name, reason in rows]
+    # A file is named "split: path"; an embedded image's name ("split row N (file name)") already names its split.
+    bad = [f"  {name if name.startswith(f'{key} row ') else f'{key}: {name}'} ({reason})"
+           for key, rows in found.items() for _, name, reason in rows]
     if bad and not skip:
         raise InputError(
             f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
