@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 

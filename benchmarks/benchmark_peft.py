@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+import torch
 from benchmark_cpu import (
     environment_info,
     hwm_kib,
@@ -38,8 +39,6 @@ from benchmark_cpu import (
     table,
     timed,
 )
-
-import torch
 from torch import nn
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification

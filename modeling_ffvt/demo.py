@@ -140,8 +140,9 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     """Write a Gradio Space into `folder`: app.py, requirements.txt, a README.md whose YAML header the Hub reads,
     this package's code, and the model itself when `model_name` is a local folder (a Hub id is loaded by the Space).
 
-    Raises MissingGradioError without Gradio, FileExistsError for a folder that holds files, ValueError for a bad examples folder, SystemExit (from
-    `inputs.check_model_name`) for a `model_name` that is neither a folder nor a Hub id.
+    Raises MissingGradioError without Gradio, FileExistsError for a folder that holds files, ValueError for a bad
+    examples folder, InputError (from `inputs.check_model_name`) for a `model_name` that is neither a folder nor a
+    Hub id.
     """
     from huggingface_hub import SpaceCard, SpaceCardData
 

@@ -18,6 +18,7 @@ import datasets
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
+
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
 from .evaluation import load_fgvc_accuracy, rank_classes

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import ViTPreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -172,8 +171,9 @@ class FFVTRotaryEmbedding(nn.Module):
 
     Patch p of an h x w grid has centre coordinates (y, x), each in [-1, 1]; in training mode they are shifted,
     jittered and rescaled as the configuration says, with transformers' DINOv3 code. Half of each head's rotation
-    frequencies turn with y, the other half with x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0: the
-    identity, so that they stay unrotated wherever they travel (the fusion layer may get the CLS token among the picks).
+    frequencies turn with y, the other half with x (DINOv3's layout). The CLS and register rows are cos = 1, sin = 0:
+    the identity, so that they stay unrotated wherever they travel (the fusion layer may get the CLS token among the
+    picks).
     """
 
     def __init__(self, config: FFVTConfig):

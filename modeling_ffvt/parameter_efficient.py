@@ -88,7 +88,9 @@ class TrainingMethod:
         lora_settings = (self.lora_alpha is not None, self.lora_dropout != 0.0,
                          tuple(self.lora_target_modules) != DEFAULT_LORA_TARGETS)
         if not self.lora_rank and any(lora_settings):
-            raise ValueError("--lora_alpha, --lora_dropout and --lora_target_modules set LoRA up: give --lora_rank too.")
+            raise ValueError(
+                "--lora_alpha, --lora_dropout and --lora_target_modules set LoRA up: give --lora_rank too."
+            )
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
 

@@ -249,7 +249,8 @@ def test_position_embeddings_are_stored_resized_the_backbones_way(backbones, kin
 @pytest.mark.parametrize("kind, family", [("dinov2", DINOV2), ("dinov2_with_registers", DINOV2_WITH_REGISTERS),
                                           ("clip_vision", CLIP)])
 def test_half_precision_tables_resize_as_the_backbone_does(backbones, kind, family):
-    """In bfloat16, DINOv2 resizes in float32 and CLIP in bfloat16 itself: each family's resizer matches its backbone."""
+    """In bfloat16, DINOv2 resizes in float32 and CLIP in bfloat16 itself: each family's resizer matches its
+    backbone."""
     embeddings = copy.deepcopy(getattr(backbones[kind][1], "vision_model", backbones[kind][1]).embeddings)
     embeddings.to(torch.bfloat16)
     table = embeddings.position_embedding.weight[None] if kind == "clip_vision" else embeddings.position_embeddings

@@ -9,11 +9,11 @@ import pytest
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
+from test_backbones import SIZES, make_backbone, randomise
 from transformers import ViTConfig, ViTModel
 
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.loading import read_checkpoint
-from test_backbones import SIZES, make_backbone, randomise
 
 FAMILIES = ["vit", "dinov2", "dinov2_with_registers", "clip_vision", "clip"]
 LAYOUTS = ["safetensors shards", "bin", "bin shards"]
@@ -125,8 +125,9 @@ def test_missing_weights_shards_and_unsafe_shards_are_named(saved, tmp_path):
 
 
 def test_train_hf_names_a_folder_without_weights(saved, tmp_path):
-    from conftest import write_digits
     from test_train_hf import stopped
+
+    from conftest import write_digits
 
     no_weights = tmp_path / "dinov2"
     no_weights.mkdir()

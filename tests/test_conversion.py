@@ -187,7 +187,8 @@ def test_hub_checkpoint_of_another_model_gets_a_clear_error(tmp_path):
     folder = tmp_path / "other"
     folder.mkdir()
     save_file({"encoder.weight": torch.zeros(2)}, folder / "model.safetensors")
-    ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8).save_pretrained(folder)
+    config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    config.save_pretrained(folder)
     with pytest.raises(ValueError, match="expected a ViT checkpoint"):
         FFVTForImageClassification.from_vit_pretrained(str(folder), num_labels=3, num_token=2)
     empty = tmp_path / "empty"

@@ -12,6 +12,15 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_backbones import (
+    NUM_REGISTERS,
+    NUM_TOKEN,
+    SIZES,
+    attention_logits_by_layer,
+    randomise,
+    reference_picks,
+    relative_error,
+)
 from transformers import (
     AutoModelForImageClassification,
     Dinov2Config,
@@ -31,15 +40,6 @@ from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.loading import DINOV3, image_normalization
 from modeling_ffvt.predict import main as predict_main
 from modeling_ffvt.selection_map import draw_selection_map, model_input_image, selection_map
-from test_backbones import (
-    NUM_REGISTERS,
-    NUM_TOKEN,
-    SIZES,
-    attention_logits_by_layer,
-    randomise,
-    reference_picks,
-    relative_error,
-)
 
 IMAGE_SIZES = [32, 48]  # the checkpoint's own size and another: rotary positions need no resizing
 MEAN, STD = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]  # written into each DINOv3 folder's preprocessor_config.json

@@ -127,6 +127,7 @@ def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "broken" / "0" / "good.png")
     (tmp_path / "broken" / "1" / "bad.png").write_text("not a PNG")
     # Listed before evaluating, with the reason.
-    with pytest.raises(SystemExit, match=r"^1 unreadable image in the all split of .*broken:\n  .*bad.png "
-                                         r"\(UnidentifiedImageError: cannot identify image file .*\)\nFix or remove them"):
+    expected = (r"^1 unreadable image in the all split of .*broken:\n  .*bad.png "
+                r"\(UnidentifiedImageError: cannot identify image file .*\)\nFix or remove them")
+    with pytest.raises(SystemExit, match=expected):
         main(["--model", str(folder), "--data_dir", str(tmp_path / "broken")])

@@ -31,10 +31,13 @@ def fresh_accelerate_state():
 def class_tree(root, classes, per_class=2, skip=0):
     """root/<class>/<index>.png for each class (digits of that class's first character, cycling 0-9)."""
     for name in classes:
-        write_digits(Path(root) / name, digits_of(int(name[0]) if name[0].isdigit() else len(name) % 10, per_class, skip))
+        label = int(name[0]) if name[0].isdigit() else len(name) % 10
+        write_digits(Path(root) / name, digits_of(label, per_class, skip))
 
 
-@pytest.mark.parametrize("names", [["bus", "car", "train"], ["val", "dog"], ["test", "dev", "zebra"], ["Training", "x"]])
+@pytest.mark.parametrize(
+    "names", [["bus", "car", "train"], ["val", "dog"], ["test", "dev", "zebra"], ["Training", "x"]]
+)
 def test_class_folders_named_like_splits_stay_classes(tmp_path, names):
     class_tree(tmp_path, names)
     folder = read_image_folder(tmp_path, "--data_dir")
@@ -83,7 +86,10 @@ def test_images_below_a_class_folder_belong_to_it(tmp_path):
         ({"birds/crow/a.png": 0, "birds/wren/b.png": 1}, "birds is not a split name"),
         ({"val/crow/a.png": 0, "validation/crow/b.png": 1}, "two folders for the validation split"),
         ({"a.png": 0, "crow/b.png": 1}, "has images directly inside it (a.png)"),
-        ({"train/a.png": 0, "train/crow/b.png": 1, "test/crow/c.png": 2}, "mixes class folders that hold images (train)"),
+        (
+            {"train/a.png": 0, "train/crow/b.png": 1, "test/crow/c.png": 2},
+            "mixes class folders that hold images (train)",
+        ),
         ({".hidden/crow/a.png": 0}, "holds no images"),
         ({}, "holds no images"),
     ],

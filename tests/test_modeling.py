@@ -45,7 +45,8 @@ def test_picks_follow_the_definition_and_gather_from_each_layer_output(tiny_mode
         layer_output = output.hidden_states[layer + 1]
         fusion_input.append(torch.stack([layer_output[i, picks[i]] for i in range(3)]))
     captured = {}
-    hook = tiny_model.vit.encoder.fusion_layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    fusion_layer = tiny_model.vit.encoder.fusion_layer
+    hook = fusion_layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
     with torch.no_grad():
         tiny_model(pixel_values)
     hook.remove()

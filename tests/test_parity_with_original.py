@@ -86,4 +86,5 @@ def test_fp16_distributed_checkpoint_converts_like_the_fp32_one(tmp_path):
     with torch.no_grad():
         for parameter in rounded.parameters():
             parameter.copy_(parameter.half().float())
-        torch.testing.assert_close(model(reference["pixel_values"]).logits, rounded.eval()(reference["pixel_values"]).logits)
+        expected = rounded.eval()(reference["pixel_values"]).logits
+        torch.testing.assert_close(model(reference["pixel_values"]).logits, expected)

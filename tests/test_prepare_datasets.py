@@ -114,7 +114,7 @@ def test_prepare_writes_symlinked_image_folders_in_label_order(name, tmp_path):
     assert counts.classes == len(EXPECTED_CLASSES[name])
     assert counts.train + counts.test == len(native_labels)
     assert sorted(os.listdir(output / "train")) == EXPECTED_CLASSES[name]
-    links = [path for path in output.rglob("*.png")]
+    links = list(output.rglob("*.png"))
     assert len(links) == len(native_labels)
     for link in links:
         assert link.is_symlink() and os.path.isabs(os.readlink(link))

@@ -16,12 +16,7 @@ from conftest import REPOSITORY, digit_image, digits_of, run_python, save_tiny_m
 from modeling_ffvt.evaluate_cli import main as evaluate_main
 from modeling_ffvt.inputs import InputError, is_hub_id, load_data, read_image_folder
 from modeling_ffvt.model_card import write_model_card
-from modeling_ffvt.splits import (
-    drop_unreadable_images,
-    encode_labels,
-    find_unreadable_rows,
-    prepare_splits,
-)
+from modeling_ffvt.splits import drop_unreadable_images, encode_labels, find_unreadable_rows, prepare_splits
 
 NAMES = ["crow", "finch", "wren"]
 
@@ -167,7 +162,8 @@ def test_a_bad_embedded_row_is_named_and_dropped_alone(tmp_path):
     names = [entry["path"] for entry in images]
     assert names.count(names[2]) > 1
     found = find_unreadable_rows(broken, "image", "train")
-    assert [(row, name) for row, name, _ in found] == [(2, f"train row 2 ({names[2]})"), (3, f"train row 3 ({names[3]})")]
+    expected = [(2, f"train row 2 ({names[2]})"), (3, f"train row 3 ({names[3]})")]
+    assert [(row, name) for row, name, _ in found] == expected
     prepared.splits["train"] = broken
     with pytest.raises(InputError) as error:
         drop_unreadable_images(prepared, skip=False, accelerator=PartialState())
@@ -338,7 +334,8 @@ def test_an_empty_class_folder_is_named_by_train_hf(tmp_path):
     class_folders(tmp_path / "validation", 2)
     prepared = prepare_splits(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
     owl = tmp_path / "train" / "owl"
-    assert prepared.notes == [f"Left out 1 empty folder (no images, so no class): {owl}. Put images in it, or remove it."]
+    expected = f"Left out 1 empty folder (no images, so no class): {owl}. Put images in it, or remove it."
+    assert prepared.notes == [expected]
 
 
 # ---- one definition of a Hub id -------------------------------------------------------------------------------------

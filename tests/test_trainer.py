@@ -54,7 +54,8 @@ def test_the_usage_example_trains_and_evaluates(tmp_path):
     labels = np.array(namespace["dataset"]["test"].with_format(None)["label"])
     assert prediction.label_ids.tolist() == labels.tolist()
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(prediction.predictions.argmax(-1) == labels))
-    expected_loss = torch.nn.functional.cross_entropy(torch.from_numpy(prediction.predictions), torch.from_numpy(labels))
+    logits, references = torch.from_numpy(prediction.predictions), torch.from_numpy(labels)
+    expected_loss = torch.nn.functional.cross_entropy(logits, references)
     assert metrics["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
     model = namespace["model"].eval()
     batch = namespace["dataset"]["test"][:2]
