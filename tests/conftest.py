@@ -43,6 +43,17 @@ def run_python(*args, cwd=None, env=None, processes: int = 1, separate_stderr: b
                           stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (commands' main() and a Trainer set it up, and fix its precision):
+    start and end each test that uses this clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_config(**overrides) -> FFVTConfig:
     """A 4-layer, 32-wide FFVT on 32 px images with 4 px patches: 65 tokens per layer, 1 + 3 * 3 in the fusion layer."""
     sizes = dict(

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
 
@@ -18,10 +17,7 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermedi
            patch_size=8, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from conftest import digits_of, run_python, save_tiny_model, write_digits
@@ -18,11 +17,7 @@ MODEL_CLASSES = ["3", "9", "0", "2", "1", "7"]
 DATA_CLASSES = ["0", "1", "2", "3"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """main() sets up accelerate's process-wide state; reset it so that later tests configure their own."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,6 @@ def batch(size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return pixel_values.to(DEVICE), labels.to(DEVICE)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state (a Trainer made earlier fixes its precision): start and end clean."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("mixed_precision", ["fp16", "bf16"])
 def test_mixed_precision_training_steps_through_accelerate(fresh_accelerate_state, mixed_precision):
     from accelerate import Accelerator

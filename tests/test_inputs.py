@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 from transformers.image_utils import load_image
 
@@ -21,11 +20,7 @@ from modeling_ffvt.predict import find_images
 CLASSES = ["0", "1", "2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """evaluate_cli.main sets up accelerate's process-wide state; reset it for the next test."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def class_tree(root, classes, per_class=2, skip=0):

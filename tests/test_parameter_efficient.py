@@ -15,12 +15,12 @@ import torch
 from huggingface_hub import metadata_load
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_trainer import trainer_section_code_blocks, write_digits_folder
 from transformers import AutoModelForImageClassification
 
 from conftest import hidden_package_script, randomized, run_python, save_tiny_model, tiny_config
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.parameter_efficient import TrainingMethod, lora_target_pattern, write_adapter_card
+from test_trainer import trainer_section_code_blocks, write_digits_folder
 from train_hf import make_digits_folder, parse_args
 
 CLASSES = [str(digit) for digit in range(10)]

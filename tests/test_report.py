@@ -7,7 +7,6 @@ from collections import Counter
 import datasets
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from conftest import digits_of, randomized, run_python, save_tiny_model, tiny_config, write_digits
@@ -15,17 +14,9 @@ from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.report import score_images, write_report
+from test_evaluate_cli import DATA_CLASSES, MODEL_CLASSES
 
-# The model's classes in an order unlike the folders' sorted one, with two classes the data lacks.
-MODEL_CLASSES = ["3", "9", "0", "2", "1", "7"]
-DATA_CLASSES = ["0", "1", "2", "3"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """main() sets up accelerate's process-wide state; reset it so that later tests configure their own."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

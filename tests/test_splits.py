@@ -8,7 +8,6 @@ import shutil
 import datasets
 import pytest
 from accelerate import PartialState
-from accelerate.state import AcceleratorState
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -21,11 +20,7 @@ from modeling_ffvt.splits import drop_unreadable_images, encode_labels, find_unr
 NAMES = ["crow", "finch", "wren"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """ffvt-evaluate's main and PartialState set up accelerate's process-wide state; reset it for the next test."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def png_bytes(index: int) -> bytes:
