@@ -104,11 +104,11 @@ def _evaluation_split(dataset, name: str, split: str | None, training: bool, col
     chosen by default, and refused when named."""
     flag = "--eval_split" if training else "--split"
     labelled = [key for key in dataset if _labelled(dataset, key, column) and not (training and key == "train")]
-    others = "No other split is labelled"
-    if labelled:
-        others = f"Choose a labelled split with {flag} ({', '.join(labelled)})"
+    choices = [f"Choose a labelled split with {flag} ({', '.join(labelled)})"] if labelled else []
     if training:
-        others += f"; or hold out --train_val_split ({train_val_split:.0%}) of train with {flag} train"
+        choices.append(f"{'or h' if labelled else 'H'}old out --train_val_split ({train_val_split:.0%}) of train "
+                       f"with {flag} train")
+    others = "; ".join(choices) or "No split of it is labelled: label one"
     if split is not None:
         if training and split == "train":
             return None, f"{flag} train"
