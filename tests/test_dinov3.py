@@ -17,6 +17,7 @@ from test_backbones import (
     NUM_TOKEN,
     SIZES,
     attention_logits_by_layer,
+    check_onnx_export_keeps_the_picks,
     randomise,
     reference_picks,
     relative_error,
@@ -340,14 +341,7 @@ def test_ffvt_predict_draws_the_selection_map_of_a_dinov3_model(dinov3, tmp_path
 
 @pytest.mark.slow
 def test_dinov3_onnx_export_keeps_rotary_positions_and_picks(dinov3, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from modeling_ffvt.export_onnx import export_onnx, verify_onnx
-
-    folder, _ = dinov3["gated_registers"]
-    model = FFVTForImageClassification.from_backbone(str(folder), num_labels=3, num_token=NUM_TOKEN).eval()
-    model.set_attn_implementation("eager")
-    path = export_onnx(model, tmp_path / "model.onnx")
-    assert verify_onnx(model, path) < 1e-4  # raises when the picks differ
+    check_onnx_export_keeps_the_picks(dinov3["gated_registers"][0], tmp_path)
 
 
 @pytest.mark.slow
