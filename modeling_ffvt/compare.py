@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from .data import ImageClassificationDataset, ProcessorTransform
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import InputError, exits_on_input_error, load_classifier
-from .report import METRICS_FILE, score_images
+from .report import METRICS_FILE, PAGE_STYLE, score_images
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_hf.py"  # in a clone installed with pip install -e .
 SETTINGS_FILE = "compare_settings.json"
@@ -365,12 +365,7 @@ def comparison_html(comparison: dict) -> str:
     metric_heads = "<th>top-1</th><th>top-5</th><th>mean per-class</th>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>FFVT: fusion on or off</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-img {{ max-width: 100%; }}
-</style></head><body>
+{PAGE_STYLE}</head><body>
 <h1>FFVT: fusion on or off</h1>
 <p id="verdict"><strong>{e(comparison["verdict"])}</strong> (top-1 accuracy)</p>
 <p>Differences are fusion on minus fusion off, in percentage points, seed by seed; the interval is a percentile
