@@ -37,7 +37,9 @@ import numpy as np
 from accelerate import Accelerator
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
+from transformers import AutoConfig
 
+from .configuration_ffvt import FFVTConfig
 from .data import ImageClassificationDataset, ProcessorTransform
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import InputError, exits_on_input_error, load_classifier
@@ -121,6 +123,29 @@ def check_train_flags(train, flags, output_dir) -> argparse.Namespace:
         raise InputError(f"{names}: ffvt-compare sets {'it' if len(given) == 1 else 'them'} for each run; drop "
                          f"{'it' if len(given) == 1 else 'them'} from the train_hf.py flags after --.")
     return args
+
+
+def check_start(args) -> None:
+    """Both arms must be able to start from what the flags name: a backbone, an .npz, or a config with fusion on (the
+    fusion-off arm turns it off). A saved FFVT cannot: one with fusion on has a fusion layer as its last layer, one
+    without would train both arms without fusion."""
+    if args.model_name_or_path and not args.vit_npz:
+        try:
+            start = AutoConfig.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError):
+            return  # train_hf.py says why
+        if start.model_type == "ffvt":
+            raise InputError(
+                f"--model_name_or_path {args.model_name_or_path} is a trained FFVT, which cannot start both arms (its "
+                "last layer is a fusion layer, or it has no fusion layer to train): start from the backbone it "
+                "started from (a ViT, DINOv2 or CLIP folder or Hub id, or --vit_npz)."
+            )
+    elif args.config_name and not args.vit_npz:
+        raw = args.config_name.strip()
+        config = FFVTConfig(**json.loads(raw)) if raw.startswith("{") else FFVTConfig.from_pretrained(raw)
+        if not config.feature_fusion:
+            raise InputError(f"--config_name {args.config_name}: feature_fusion is off, so the fusion-on arm would "
+                             "train without fusion; leave it on (the fusion-off arm turns it off).")
 
 
 def import_stats():
@@ -247,6 +272,9 @@ def evaluate_runs(runs, train, flags, output_dir) -> list[dict]:
                                      args.per_device_eval_batch_size, accelerator)
             path.write_text(json.dumps({"split": evaluated, **metrics}, indent=2) + "\n")
         metrics = json.loads(path.read_text())
+        if json.loads((run.folder / "config.json").read_text()).get("feature_fusion") is not run.feature_fusion:
+            raise InputError(f"{run.folder}: its model has fusion {'off' if run.feature_fusion else 'on'}, not the "
+                             f"arm's; move the folder away and rerun to train it again.")
         results.append({"seed": run.seed, "feature_fusion": run.feature_fusion, "output_dir": str(run.folder),
                         **metrics})
     return results
@@ -400,6 +428,7 @@ def main(argv=None):
     import_stats()  # before hours of training
     train = load_train_script(args.train_script)
     train_args = check_train_flags(train, flags, output_dir)
+    check_start(train_args)
     if train_args.demo:  # one copy of the digits for every run
         flags = [*flags, "--demo_data_dir", str(train_args.demo_data_dir)]
     record_settings(output_dir, flags)

@@ -273,3 +273,10 @@ def test_unusable_commands_are_explained(tmp_path, capsys):
         compare.main(["--output_dir", str(tmp_path), "--seeds", "0"])
     assert "give train_hf.py's flags after --" in capsys.readouterr().err
     assert compare.TRAIN_SCRIPT == REPOSITORY / "train_hf.py"
+    save_tiny_model(tmp_path / "trained", ["a", "b"])
+    with pytest.raises(SystemExit, match="is a trained FFVT, which cannot start both arms"):
+        compare.main(["--output_dir", str(tmp_path / "out"), "--", "--demo", "--model_name_or_path",
+                      str(tmp_path / "trained")])
+    with pytest.raises(SystemExit, match="feature_fusion is off"):
+        compare.main(["--output_dir", str(tmp_path / "out"), "--", "--demo", "--config_name",
+                      json.dumps({"num_hidden_layers": 2, "feature_fusion": False})])
