@@ -49,14 +49,16 @@ class Stop(Exception):
 
 
 def record_training(argv, steps):
-    """Runs train_hf.main(argv) in process for `steps` optimiser steps and returns (every tensor of the model as the
-    first step receives it, the images and labels of each step's batches in order)."""
+    """Runs train_hf.main(argv) in process for `steps` optimiser steps and returns what they saw: "start", every tensor
+    of the model as the first step receives it; "trained", the names of the parameters it trains; "batches", the
+    images and labels of each step's batches in order."""
     seen = {"batches": []}
 
     def recording_step(args, accelerator, model, *rest):
         window = rest[-2]
         if not seen["batches"]:
             seen["start"] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            seen["trained"] = {name for name, value in model.named_parameters() if value.requires_grad}
         seen["batches"].append([(batch["pixel_values"].clone(), batch["labels"].clone()) for _, batch in window])
         if len(seen["batches"]) == steps:
             raise Stop
@@ -67,7 +69,7 @@ def record_training(argv, steps):
         patch.setattr(train_hf, "train_step", recording_step)
         train_hf.main([str(arg) for arg in argv])
     AcceleratorState._reset_state(reset_partial_state=True)  # the next run starts its own Accelerator
-    return seen["start"], seen["batches"]
+    return seen
 
 
 def test_no_feature_fusion_from_dinov2_starts_from_the_plain_backbone(three_digits, tmp_path):
@@ -76,11 +78,11 @@ def test_no_feature_fusion_from_dinov2_starts_from_the_plain_backbone(three_digi
     backbone = randomized(Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                                    intermediate_size=64, image_size=32, patch_size=4)))
     backbone.save_pretrained(tmp_path / "dinov2")
-    start, _ = record_training([
+    start = record_training([
         "--train_dir", three_digits / "train", "--validation_dir", three_digits / "validation",
         "--model_name_or_path", tmp_path / "dinov2", "--no_feature_fusion", "--output_dir", tmp_path / "out",
         "--recipe", "plain", "--resize_size", 32, "--max_train_steps", 2, "--per_device_train_batch_size", 4,
-    ], steps=1)
+    ], steps=1)["start"]
     names = ["0", "1", "2"]
     expected = FFVTForImageClassification.from_backbone(
         str(tmp_path / "dinov2"), num_labels=3, feature_fusion=False, id2label=dict(enumerate(names)),
@@ -92,6 +94,27 @@ def test_no_feature_fusion_from_dinov2_starts_from_the_plain_backbone(three_digi
         torch.testing.assert_close(start[name], tensor, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(start["vit.layernorm.weight"], backbone.layernorm.weight, rtol=0, atol=0)
     assert not start["classifier.weight"].any()
+
+
+@pytest.mark.parametrize("method, trained", [
+    (["--freeze_backbone"], {"vit.layernorm.weight", "vit.layernorm.bias", "classifier.weight", "classifier.bias"}),
+    (["--lora_rank", "2"], None),
+], ids=["frozen-backbone", "lora"])
+def test_no_feature_fusion_combines_with_parameter_efficient_methods(three_digits, tmp_path, method, trained):
+    """The baseline under a frozen backbone trains its final LayerNorm and head alone; under LoRA, adapters on every
+    layer, the last one included, and the LayerNorm and head fully."""
+    names = record_training([
+        "--train_dir", three_digits / "train", "--validation_dir", three_digits / "validation",
+        "--config_name", SMALL_MODEL, "--no_feature_fusion", "--output_dir", tmp_path / "out", "--recipe", "plain",
+        "--resize_size", 32, "--max_train_steps", 2, "--per_device_train_batch_size", 4, *method,
+    ], steps=1)["trained"]
+    if trained is not None:
+        assert names == trained
+    else:
+        layers = {int(name.split(".layer.")[1].split(".")[0]) for name in names if "lora_" in name}
+        assert layers == {0, 1} and not any("fusion" in name for name in names)
+        assert {name.split("modules_to_save.default.")[-1] for name in names if "modules_to_save" in name} == {
+            "weight", "bias"} and sum("modules_to_save" in name for name in names) == 4
 
 
 def test_no_feature_fusion_refuses_a_fusion_ffvt_before_data_loads(tmp_path, capsys):
@@ -117,7 +140,7 @@ def test_both_arms_of_a_seed_train_on_the_same_augmented_batches(three_digits, t
     batches = {}
     for run in compare.plan_runs(tmp_path, [0, 1])[:3]:
         command = compare.train_command([], "train_hf.py", flags, run, "new")
-        _, batches[run.seed, run.feature_fusion] = record_training(command[1:], steps=4)
+        batches[run.seed, run.feature_fusion] = record_training(command[1:], steps=4)["batches"]
     on, off, other_seed = ([pair for window in batches[key] for pair in window] for key in ((0, True), (0, False),
                                                                                          (1, True)))
     assert [len(labels) for _, labels in on] == [5, 5, 2, 5]  # 12 images an epoch: the 4th step is in epoch 2
