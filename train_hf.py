@@ -132,6 +132,11 @@ def parse_args(argv=None):
     )
     model.add_argument("--image_size", type=int, help="Input resolution when starting from ViT (.npz: 448).")
     model.add_argument("--num_token", type=int, help="Tokens MAWS keeps per layer (12 in the paper, 24 for Dogs).")
+    model.add_argument(
+        "--no_feature_fusion",
+        action="store_true",
+        help="Train the baseline: the backbone's own last layer and LayerNorm with a new head, no fusion layer.",
+    )
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     efficient = parser.add_argument_group("parameter-efficient fine-tuning (docs/training.md)")
     efficient.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the plain layers (0: no LoRA).")
@@ -263,6 +268,8 @@ def check_flag_values(parser, args):
                      "(ViT-B_16.npz in the paper).")
     if args.config_name and not (args.model_name_or_path or args.vit_npz):
         check_config_flag(parser, args.config_name)
+    if args.no_feature_fusion and args.model_name_or_path:
+        check_baseline_start(parser, args.model_name_or_path)
     check_geometry_flags(parser, args)
 
 
@@ -281,6 +288,17 @@ def check_config_flag(parser, config_name):
                      "'{\"num_hidden_layers\": 4}'.")
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"--config_name {config_name}: {first_line(error)}")
+
+
+def check_baseline_start(parser, model_name_or_path):
+    """--no_feature_fusion needs a start whose last layer is plain: a backbone, or an FFVT saved without fusion."""
+    try:
+        start = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return  # load_model says why
+    if start.model_type == "ffvt" and start.feature_fusion:
+        parser.error(f"--no_feature_fusion: {model_name_or_path} is an FFVT with feature fusion, whose last layer is "
+                     "a fusion layer, not a plain one; start the baseline from the backbone that model started from.")
 
 
 def check_checkpoint_flag(parser, folder, output_dir):
@@ -373,6 +391,22 @@ def prepare_data(args) -> PreparedSplits:
     return data
 
 
+def load_data(args, accelerator) -> tuple[PreparedSplits, list[str] | None]:
+    """The run's splits, without unreadable images (refused, or dropped with --skip_bad_images) and with class ids
+    for labels, and the class names (None for integer labels); ffvt-compare evaluates on the very same split."""
+    with accelerator.main_process_first():
+        if args.demo:
+            make_digits_folder(args.demo_data_dir)
+        data = prepare_data(args)
+    # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
+    # size otherwise, which rejects whatever a reduced decode would.
+    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
+    skipped = drop_unreadable_images(data, args.skip_bad_images, accelerator, (resize, resize) if resize else None)
+    if skipped:
+        logger.warning(f"Skipped {skipped} unreadable images")
+    return data, encode_labels(data, data_set_title(args))
+
+
 def load_model(args, names, labels):
     """FFVT with a head for `names` (the data's classes), from an FFVT checkpoint, a backbone (ViT, DINOv2, DINOv2
     with registers, CLIP), an .npz, or a config.
@@ -396,8 +430,9 @@ def load_model(args, names, labels):
     head = {} if names is None else dict(
         num_labels=len(names), id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}
     )
-    architecture = {key: value for key, value in (("image_size", args.image_size), ("num_token", args.num_token))
-                    if value is not None}
+    fusion = False if args.no_feature_fusion else None  # None: the start's own (on for backbones and configs)
+    architecture = {key: value for key, value in (("image_size", args.image_size), ("num_token", args.num_token),
+                                                  ("feature_fusion", fusion)) if value is not None}
     if args.vit_npz or (start is not None and start.model_type in BACKBONE_FAMILIES):
         if args.vit_npz:
             architecture.setdefault("image_size", 448)  # the paper's resolution; the .npz does not record one
@@ -777,10 +812,12 @@ def data_set_title(args):
 
 def write_results_and_card(args, accelerator, config, best, train_metrics, plan: Plan):
     """all_results.json and the model card for the model saved in output_dir."""
+    fusion = "fusion on" if config.feature_fusion else "fusion off (baseline)"
     Path(args.output_dir, "all_results.json").write_text(
-        json.dumps({**best, **train_metrics, **plan.parameter_counts}, indent=2)
+        json.dumps({**best, **train_metrics, **plan.parameter_counts, "feature_fusion": fusion}, indent=2)
     )
     hyperparameters = {
+        "feature fusion": fusion,
         "method": plan.method.describe(config),
         "trainable / total parameters": "{trainable_parameters:,} / {total_parameters:,}".format(
             **plan.parameter_counts),
@@ -897,19 +934,8 @@ def main(argv=None):
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    with accelerator.main_process_first():
-        if args.demo:
-            make_digits_folder(args.demo_data_dir)
-        data = prepare_data(args)
+    data, names = load_data(args, accelerator)
     splits = data.splits
-    # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
-    # size otherwise, which rejects whatever a reduced decode would.
-    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
-    skipped = drop_unreadable_images(data, args.skip_bad_images, accelerator, (resize, resize) if resize else None)
-    if skipped:
-        logger.warning(f"Skipped {skipped} unreadable images")
-    names = encode_labels(data, data_set_title(args))
-
     model = load_model(args, names, data.labels)
     check_labels(data.labels, model.config.num_labels)
     if args.gradient_checkpointing:

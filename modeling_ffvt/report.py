@@ -38,6 +38,13 @@ PICTURED_PAIRS = 5  # confused pairs pictured
 IMAGES_PER_PAIR = 3  # misclassified images pictured per pair
 LISTED_PAIRS = 20  # confused pairs in the HTML table (metrics.json has them all)
 DPI = 100
+# The style of the pages the commands write (this report, ffvt-compare's comparison.html): inline, nothing fetched.
+PAGE_STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; max-width: 1200px; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+img { max-width: 100%; }
+</style>"""
 
 
 class ReportFolderError(FileExistsError):
@@ -263,12 +270,7 @@ def _html(metrics: dict, pictures: list[str]) -> str:
     figures = "".join(f'<figure><img src="{e(name)}" alt="{e(name)}"></figure>' for name in pictures)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>FFVT evaluation: {e(str(metrics.get("model")))}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-img {{ max-width: 100%; }}
-</style></head><body>
+{PAGE_STYLE}</head><body>
 <h1>FFVT evaluation</h1>
 <table id="summary">{rows}</table>
 <p>Every number, with each class's accuracy and every mistake: <a href="{METRICS_FILE}">{METRICS_FILE}</a>.</p>

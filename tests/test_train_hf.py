@@ -390,7 +390,7 @@ def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, mess
 
 def model_args(**given):
     return argparse.Namespace(**{"model_name_or_path": None, "vit_npz": None, "config_name": None, "image_size": None,
-                                 "num_token": None, **given})
+                                 "num_token": None, "no_feature_fusion": False, **given})
 
 
 def test_start_from_npz_vit_or_config_gets_the_datas_classes(tmp_path):
