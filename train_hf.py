@@ -44,6 +44,7 @@ from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
     InputError,
+    check_config_keys,
     check_model_name,
     exits_on_input_error,
     is_hub_id,
@@ -258,6 +259,11 @@ def check_flag_values(parser, args):
         parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
     if args.resume_from_checkpoint:
         check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
+    if args.model_name_or_path:
+        try:  # before anything reads it: a mistyped folder name would go through the Hub's retries
+            check_model_name(args.model_name_or_path, "--model_name_or_path")
+        except InputError as error:
+            parser.error(str(error))
     if args.vit_npz and not Path(args.vit_npz).is_file():
         parser.error(f"--vit_npz {args.vit_npz}: there is no such file; give one of Google's ViT .npz files "
                      "(ViT-B_16.npz in the paper).")
@@ -267,18 +273,24 @@ def check_flag_values(parser, args):
 
 
 def check_config_flag(parser, config_name):
-    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT."""
+    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT with no key FFVTConfig does
+    not read (a misspelled one would be dropped silently)."""
     try:
-        if config_name.lstrip().startswith("{"):
-            FFVTConfig(**json.loads(config_name))
-        elif not Path(config_name).exists():
+        inline = config_name.lstrip().startswith("{")
+        if not inline and not Path(config_name).exists():
             parser.error(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such as "
                          "'{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
+        values = json.loads(config_name) if inline else FFVTConfig.get_config_dict(config_name)[0]
+        check_config_keys(values, FFVTConfig, f"--config_name {config_name}", "docs/training.md#from-scratch")
+        if inline:
+            FFVTConfig(**values)
         else:
             FFVTConfig.from_pretrained(config_name)
     except json.JSONDecodeError as error:
         parser.error(f"--config_name: not valid JSON ({error}); give inline JSON such as "
                      "'{\"num_hidden_layers\": 4}'.")
+    except InputError as error:
+        parser.error(str(error))
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"--config_name {config_name}: {first_line(error)}")
 

@@ -4,17 +4,18 @@ the run warned about and described as it ran, the source name kept by from_vit_p
 
 import argparse
 import json
+import re
 import shlex
 
 import huggingface_hub
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from transformers import ViTConfig, ViTModel, get_scheduler
+from transformers import PreTrainedConfig, ViTConfig, ViTModel, get_scheduler
 
 import train_hf
 from conftest import REPOSITORY, run_python, write_digits
-from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt import predict as predict_cli
 
 SMALL_MODEL = json.dumps(dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
@@ -62,6 +63,28 @@ def test_flag_values_are_checked_before_the_data_loads(capsys, tmp_path, flags, 
     model = [] if "--vit_npz" in flags else ["--config_name", SMALL_MODEL]
     line = flag_error(capsys, "--train_dir", tmp_path / "nowhere", *model, "--output_dir", tmp_path / "out", *flags)
     assert message in line, line
+
+
+def test_config_name_keys_ffvt_does_not_read_are_refused_with_the_nearest_name(capsys, tmp_path):
+    """A misspelled key was kept by transformers as a plain attribute, and a 12-layer model trained."""
+    start = ["--train_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out", "--config_name"]
+    line = flag_error(capsys, *start, '{"num_hidden_layer": 2, "hidden_size": 32}')
+    assert line.endswith("""--config_name {"num_hidden_layer": 2, "hidden_size": 32}: FFVTConfig has no key """
+                         """'num_hidden_layer' (did you mean 'num_hidden_layers'?); the keys it takes are listed in """
+                         "docs/training.md#from-scratch."), line
+    (tmp_path / "config.json").write_text(json.dumps({"hiden_size": 32, "num_tokens": 2, "zzz": 1}))
+    line = flag_error(capsys, *start, tmp_path)
+    assert ("FFVTConfig has no keys 'hiden_size' (did you mean 'hidden_size'?), 'num_tokens' (did you mean "
+            "'num_token'?), 'zzz';") in line, line
+    # What save_pretrained writes, and the keys every transformers configuration takes, pass.
+    FFVTConfig(**json.loads(SMALL_MODEL), id2label={0: "a", 1: "b"}).save_pretrained(tmp_path / "saved")
+    general = {**json.loads(SMALL_MODEL), "num_labels": 2, "problem_type": "single_label_classification",
+               "dtype": "float32", "output_hidden_states": False}
+    for config in (tmp_path / "saved", json.dumps(general)):
+        train_hf.parse_args([str(arg) for arg in start] + [str(config)])
+    # docs/training.md lists every key of the architecture (those a bare PreTrainedConfig lacks).
+    documented = (REPOSITORY / "docs" / "training.md").read_text().split("### From scratch")[1].split("\n\n")[1]
+    assert set(FFVTConfig().to_dict()) - set(PreTrainedConfig().to_dict()) <= set(re.findall(r"`(\w+)`", documented))
 
 
 def test_model_dependent_flags_read_the_starting_models_patch_size(capsys, tmp_path):
