@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
+from modeling_ffvt.checkpoints import PROGRESS_FILE, check_resume_flags, method_flags, prune_checkpoints
 from modeling_ffvt.data import RECIPES, FGVCTransform, ImageClassificationDataset, ProcessorTransform
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
@@ -58,7 +59,6 @@ from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_i
 
 logger = get_logger(__name__)
 
-PROGRESS_FILE = "training_progress.json"
 IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
@@ -168,6 +168,9 @@ def parse_args(argv=None):
     output.add_argument(
         "--checkpointing_steps", type=checkpointing_steps, help="Save the training state every N steps or 'epoch'."
     )
+    output.add_argument(
+        "--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints (the best model is kept apart)."
+    )
     output.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
     output.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace the model already saved in --output_dir."
@@ -195,9 +198,11 @@ def parse_args(argv=None):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
     check_flag_values(parser, args)
     try:
-        training_method(args)
+        method = training_method(args)
     except ValueError as error:
         parser.error(str(error))
+    if args.resume_from_checkpoint:
+        check_resumed_method(parser, args, method)
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.exit(2, (
             f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
@@ -213,6 +218,17 @@ def training_method(args) -> TrainingMethod:
                           args.freeze_backbone)
 
 
+def check_resumed_method(parser, args, method: TrainingMethod):
+    """Stop before any data loads when the checkpoint to resume was written with other method flags (LoRA, frozen
+    backbone, start model, image size): one line naming the flags it was written with."""
+    folder = args.resume_from_checkpoint
+    folder = latest_checkpoint(args.output_dir) if folder == "latest" else folder
+    try:
+        check_resume_flags(folder, method_flags(args, method))
+    except InputError as error:
+        parser.error(str(error))
+
+
 # The smallest value each numeric flag takes, and whether that value itself is allowed.
 FLAG_BOUNDS = {
     "per_device_train_batch_size": (1, True),
@@ -225,6 +241,7 @@ FLAG_BOUNDS = {
     "resize_size": (1, True),
     "num_token": (1, True),
     "max_train_samples": (1, True),
+    "checkpoints_total_limit": (1, True),
     "max_eval_samples": (0, True),
     "num_warmup_steps": (0, True),
     "dataloader_num_workers": (0, True),
@@ -259,6 +276,9 @@ def check_flag_values(parser, args):
         parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
     if args.resume_from_checkpoint:
         check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
+    if args.checkpoints_total_limit and not args.checkpointing_steps:
+        parser.error(f"--checkpoints_total_limit {args.checkpoints_total_limit}: give --checkpointing_steps too (N "
+                     "or epoch), or leave it out.")
     if args.model_name_or_path:
         try:  # before anything reads it: a mistyped folder name would go through the Hub's retries
             check_model_name(args.model_name_or_path, "--model_name_or_path")
@@ -570,6 +590,7 @@ class Progress:
     epoch: int = 0
     batches_done: int = 0
     best: dict | None = None
+    written_with: dict | None = None  # the method flags (modeling_ffvt.checkpoints.method_flags) and fusion
 
 
 class LossWindow:
@@ -593,18 +614,29 @@ class LossWindow:
         return stats
 
 
-def save_checkpoint(accelerator, output_dir, name, progress: Progress):
+def save_checkpoint(accelerator, output_dir, name, progress: Progress, total_limit=None):
+    """Save the training state in output_dir/name, then keep only the newest `total_limit` checkpoints (all without
+    a limit)."""
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
     if accelerator.is_main_process:
         Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
+        if total_limit:
+            for old in prune_checkpoints(output_dir, total_limit):
+                logger.info(f"Deleted {old} (--checkpoints_total_limit {total_limit})")
 
 
 def resume(accelerator, folder, output_dir) -> Progress:
     """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
     from the checkpoint's own record rather than its folder's name."""
     folder = latest_checkpoint(output_dir) if folder == "latest" else folder
-    accelerator.load_state(folder)
+    try:
+        accelerator.load_state(folder)
+    except RuntimeError as error:  # a checkpoint without a record of its flags, written with other ones
+        raise InputError(
+            f"--resume_from_checkpoint {folder}: its weights do not fit the model these flags build "
+            f"({first_line(error)}): resume it with the start model, image size and method flags it was written with."
+        ) from None
     progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
     logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
     return progress
@@ -725,11 +757,11 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
         if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
             log_evaluation(args, accelerator, run, metric, processor, progress, window)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress)
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, args.checkpoints_total_limit)
         if steps >= run.plan.max_train_steps:
             return
     if args.checkpointing_steps == "epoch":
-        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress)
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, args.checkpoints_total_limit)
 
 
 def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
@@ -950,10 +982,13 @@ def main(argv=None):
     logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
+    logger.info(f"  Trainable parameters = {plan.parameter_counts['trainable_parameters']:,} of "
+                f"{plan.parameter_counts['total_parameters']:,} ({method.name})")
 
     progress = Progress()
     if args.resume_from_checkpoint:
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+    progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion}
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:
