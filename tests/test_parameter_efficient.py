@@ -388,7 +388,7 @@ def test_lora_runs_log_trainable_and_total_parameters_at_the_start(lora_checkpoi
         ([], "--lora_rank 2 there, 0 here"),
         (["--lora_rank", 4], "--lora_rank 2 there, 4 here"),
         (["--lora_rank", 2, "--lora_alpha", 8], "--lora_alpha 4.0 there, 8.0 here"),
-        (["--lora_rank", 2, "--lora_target_modules", "query,key"], "--lora_target_modules query,value there, query,key"),
+        (["--lora_rank", 2, "--lora_target_modules", "query,key"], "--lora_target_modules query,value there,"),
         (["--freeze_backbone"], "--lora_rank 2 there, 0 here; --freeze_backbone not given there, True here"),
         (["--lora_rank", 2, "--image_size", 64], "--image_size not given there, 64 here"),
         (["--lora_rank", 2, "--model_name_or_path", "OTHER"], "--model_name_or_path START there, OTHER here"),
