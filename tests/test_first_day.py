@@ -246,3 +246,26 @@ def test_a_warmup_longer_than_the_run_is_warned_about_and_carded_as_it_ran(tmp_p
     peak = max(learning_rates(500, 3))
     assert (f"| schedule | linear warm-up only: 500 warm-up steps planned, so the rate rose to {peak:.3g} (of 0.1) "
             "by the last of the 3 steps and never decayed |") in card
+
+
+# ---- the README's offline route ---------------------------------------------------------------------------------
+
+
+def test_the_readmes_offline_command_trains_on_a_class_folder_without_the_hub(tmp_path, monkeypatch, no_network):
+    """The command of "Your own images, offline", run as written (in this process, for speed), with any network
+    attempt failing the test: only the placeholders MY_IMAGES and my_ffvt are replaced by real folders."""
+    section = (REPOSITORY / "README.md").read_text().split("### Your own images, offline")[1]
+    command = section.split("```bash\n")[1].split("```")[0].strip()
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train_hf.py"], command
+    for label in range(2):
+        write_digits(tmp_path / "MY_IMAGES" / str(label), [label + 10 * i for i in range(6)], size=64)
+    monkeypatch.chdir(REPOSITORY)  # where the command runs: a fresh clone's root
+    replaced = {"MY_IMAGES": str(tmp_path / "MY_IMAGES"), "my_ffvt": str(tmp_path / "my_ffvt")}
+    try:
+        train_hf.main([replaced.get(word, word) for word in words[2:]])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    config = json.loads((tmp_path / "my_ffvt" / "config.json").read_text())
+    tiny = json.loads((REPOSITORY / "examples" / "tiny_config.json").read_text())
+    assert {key: config[key] for key in tiny} == tiny and config["id2label"] == {"0": "0", "1": "1"}

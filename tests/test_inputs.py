@@ -315,27 +315,14 @@ print(json.dumps(messages))
         assert "no local folder of that name either" in hub
 
 
-class NetworkAttempt(BaseException):
-    """Raised by any connection attempt: a BaseException, so that no retry loop (which catches Exception) hides it."""
-
-
 @pytest.mark.parametrize("command", ["ffvt-predict", "ffvt-evaluate", "ffvt-demo", "ffvt-export-onnx", "train_hf.py"])
-def test_a_mistyped_model_name_is_refused_without_a_network_attempt(tmp_path, monkeypatch, capsys, command):
+def test_a_mistyped_model_name_is_refused_without_a_network_attempt(tmp_path, monkeypatch, capsys, no_network,
+                                                                    command):
     """One rule in every command: a bare name that is no folder (`out_nothing`) is refused at once, online too,
     without a single request to the Hub (ffvt-predict spent ~100 s in retries on it)."""
-    import socket
-
-    import huggingface_hub
-
     import train_hf
     from modeling_ffvt import demo, evaluate_cli, export_onnx, predict
 
-    def no_network(*args, **kwargs):
-        raise NetworkAttempt(f"a network call: {args[:2]}")
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as online: nothing is refused early
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.chdir(tmp_path)
     write_digits(tmp_path / "data" / "0", [0])
     flag, main, argv = {
