@@ -269,3 +269,40 @@ def test_the_readmes_offline_command_trains_on_a_class_folder_without_the_hub(tm
     config = json.loads((tmp_path / "my_ffvt" / "config.json").read_text())
     tiny = json.loads((REPOSITORY / "examples" / "tiny_config.json").read_text())
     assert {key: config[key] for key in tiny} == tiny and config["id2label"] == {"0": "0", "1": "1"}
+
+
+def test_the_readmes_demo_command_needs_no_more_than_the_extra_it_installs(tmp_path):
+    """The README's first command installs one extra, not the whole test extra: train_hf.py --demo runs (two steps
+    here, on 16 validation images) with every module of the test extra that this extra does not bring hidden, as on a
+    machine without them."""
+    import configparser
+    import importlib.metadata
+
+    command = (REPOSITORY / "README.md").read_text().split("```bash\n")[1].split("```")[0]
+    extra = re.search(r'-e "\.\[(\w+)\]"', command).group(1)
+    assert "train_hf.py --demo" in command and extra != "test"
+    setup = configparser.ConfigParser()
+    setup.read(REPOSITORY / "setup.cfg")
+    extras = setup["options.extras_require"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~;\[ ]", line.strip())[0].lower() for line in requirements if line.strip()}
+
+    brought = names(extras[extra].splitlines())
+    for name in list(brought):  # and what they require
+        brought |= names(importlib.metadata.requires(name) or [])
+    modules = importlib.metadata.packages_distributions()
+    hidden = sorted(module for module, distributions in modules.items()
+                    if {d.lower() for d in distributions} & (names(extras["test"].splitlines()) - brought))
+    assert "pytest" in hidden and "onnxruntime" in hidden and "sklearn" not in hidden
+    script = f"""
+import sys
+for module in {hidden!r}:
+    sys.modules[module] = None  # import fails, and importlib.util.find_spec says it is not installed
+import train_hf
+train_hf.main(["--demo", "--output_dir", {str(tmp_path / "demo_output")!r}, "--max_train_steps", "2",
+               "--max_eval_samples", "16"])
+"""
+    run = run_python("-c", script, cwd=REPOSITORY)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert (tmp_path / "demo_output" / "model.safetensors").is_file()

@@ -366,7 +366,6 @@ def test_a_class_folder_named_train_is_a_class(environment, tmp_path):
         ("overlap", "is in both the train and the validation split"),
         ("splits as train_dir", "holds splits (train, validation), not class folders"),
         ("validation class train lacks", "The train split of"),
-        ("mistyped model", "--model_name_or_path mymodle: there is no folder of that name"),
     ],
 )
 def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, message):
@@ -380,8 +379,6 @@ def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, mess
         (tmp_path / "data" / "validation" / "1" / "linked.png").symlink_to(train_image)
     elif case == "splits as train_dir":
         data = ["--train_dir", tmp_path / "data"]
-    elif case == "mistyped model":
-        model = ["--model_name_or_path", "mymodle"]
     assert message in stopped(environment, *data, *model, "--output_dir", tmp_path / "out")
 
 
