@@ -20,6 +20,7 @@ from transformers import AutoModelForImageClassification
 
 from conftest import hidden_package_script, randomized, run_python, save_tiny_model, tiny_config
 from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.inputs import InputError
 from modeling_ffvt.parameter_efficient import TrainingMethod, lora_target_pattern, write_adapter_card
 from test_trainer import trainer_section_code_blocks, write_digits_folder
 from train_hf import make_digits_folder, parse_args
@@ -430,3 +431,20 @@ def test_a_checkpoint_without_a_record_of_its_flags_is_checked_by_its_lora_weigh
         assert (f"--resume_from_checkpoint {checkpoint} holds LoRA weights of rank 2 on attention.attention.query, "
                 "attention.attention.value, not those of --lora_rank") in capsys.readouterr().err
     parse_args([*data, "--lora_rank", "2"])
+
+
+def test_weights_that_do_not_fit_stop_the_resume_with_a_message(lora_checkpoint, fresh_accelerate_state):
+    """What an unrecorded checkpoint's weights cannot tell before they load (another start or size) stops with one
+    line, not a traceback listing every state-dict key."""
+    from accelerate import Accelerator
+
+    import train_hf
+
+    output_dir, _ = lora_checkpoint
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(FFVTForImageClassification(tiny_config(num_labels=10, image_size=64)))
+    with pytest.raises(InputError) as error:
+        train_hf.resume(accelerator, str(output_dir / "step_2"), str(output_dir))
+    assert str(error.value).startswith(f"--resume_from_checkpoint {output_dir / 'step_2'}: its weights do not fit the "
+                                       "model these flags build (Error(s) in loading state_dict")
+    assert "\n" not in str(error.value)
