@@ -39,11 +39,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
+from modeling_ffvt.checkpoints import PROGRESS_FILE, check_resume_flags, method_flags, prune_checkpoints
 from modeling_ffvt.data import RECIPES, FGVCTransform, ImageClassificationDataset, ProcessorTransform
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
     InputError,
+    check_config_keys,
     check_model_name,
     exits_on_input_error,
     is_hub_id,
@@ -57,7 +59,6 @@ from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_i
 
 logger = get_logger(__name__)
 
-PROGRESS_FILE = "training_progress.json"
 IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
@@ -172,6 +173,9 @@ def parse_args(argv=None):
     output.add_argument(
         "--checkpointing_steps", type=checkpointing_steps, help="Save the training state every N steps or 'epoch'."
     )
+    output.add_argument(
+        "--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints (the best model is kept apart)."
+    )
     output.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
     output.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace the model already saved in --output_dir."
@@ -199,9 +203,11 @@ def parse_args(argv=None):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
     check_flag_values(parser, args)
     try:
-        training_method(args)
+        method = training_method(args)
     except ValueError as error:
         parser.error(str(error))
+    if args.resume_from_checkpoint:
+        check_resumed_method(parser, args, method)
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.exit(2, (
             f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
@@ -217,6 +223,17 @@ def training_method(args) -> TrainingMethod:
                           args.freeze_backbone)
 
 
+def check_resumed_method(parser, args, method: TrainingMethod):
+    """Stop before any data loads when the checkpoint to resume was written with other method flags (LoRA, frozen
+    backbone, start model, image size): one line naming the flags it was written with."""
+    folder = args.resume_from_checkpoint
+    folder = latest_checkpoint(args.output_dir) if folder == "latest" else folder
+    try:
+        check_resume_flags(folder, method_flags(args, method))
+    except InputError as error:
+        parser.error(str(error))
+
+
 # The smallest value each numeric flag takes, and whether that value itself is allowed.
 FLAG_BOUNDS = {
     "per_device_train_batch_size": (1, True),
@@ -229,6 +246,7 @@ FLAG_BOUNDS = {
     "resize_size": (1, True),
     "num_token": (1, True),
     "max_train_samples": (1, True),
+    "checkpoints_total_limit": (1, True),
     "max_eval_samples": (0, True),
     "num_warmup_steps": (0, True),
     "dataloader_num_workers": (0, True),
@@ -263,6 +281,14 @@ def check_flag_values(parser, args):
         parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
     if args.resume_from_checkpoint:
         check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
+    if args.checkpoints_total_limit and not args.checkpointing_steps:
+        parser.error(f"--checkpoints_total_limit {args.checkpoints_total_limit}: give --checkpointing_steps too (N "
+                     "or epoch), or leave it out.")
+    if args.model_name_or_path:
+        try:  # before anything reads it: a mistyped folder name would go through the Hub's retries
+            check_model_name(args.model_name_or_path, "--model_name_or_path")
+        except InputError as error:
+            parser.error(str(error))
     if args.vit_npz and not Path(args.vit_npz).is_file():
         parser.error(f"--vit_npz {args.vit_npz}: there is no such file; give one of Google's ViT .npz files "
                      "(ViT-B_16.npz in the paper).")
@@ -274,18 +300,24 @@ def check_flag_values(parser, args):
 
 
 def check_config_flag(parser, config_name):
-    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT."""
+    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT with no key FFVTConfig does
+    not read (a misspelled one would be dropped silently)."""
     try:
-        if config_name.lstrip().startswith("{"):
-            FFVTConfig(**json.loads(config_name))
-        elif not Path(config_name).exists():
+        inline = config_name.lstrip().startswith("{")
+        if not inline and not Path(config_name).exists():
             parser.error(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such as "
                          "'{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
+        values = json.loads(config_name) if inline else FFVTConfig.get_config_dict(config_name)[0]
+        check_config_keys(values, FFVTConfig, f"--config_name {config_name}", "docs/training.md#from-scratch")
+        if inline:
+            FFVTConfig(**values)
         else:
             FFVTConfig.from_pretrained(config_name)
     except json.JSONDecodeError as error:
         parser.error(f"--config_name: not valid JSON ({error}); give inline JSON such as "
                      "'{\"num_hidden_layers\": 4}'.")
+    except InputError as error:
+        parser.error(str(error))
     except (OSError, ValueError, TypeError) as error:
         parser.error(f"--config_name {config_name}: {first_line(error)}")
 
@@ -593,6 +625,7 @@ class Progress:
     epoch: int = 0
     batches_done: int = 0
     best: dict | None = None
+    written_with: dict | None = None  # the method flags (modeling_ffvt.checkpoints.method_flags) and fusion
 
 
 class LossWindow:
@@ -616,18 +649,29 @@ class LossWindow:
         return stats
 
 
-def save_checkpoint(accelerator, output_dir, name, progress: Progress):
+def save_checkpoint(accelerator, output_dir, name, progress: Progress, total_limit=None):
+    """Save the training state in output_dir/name, then keep only the newest `total_limit` checkpoints (all without
+    a limit)."""
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
     if accelerator.is_main_process:
         Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
+        if total_limit:
+            for old in prune_checkpoints(output_dir, total_limit):
+                logger.info(f"Deleted {old} (--checkpoints_total_limit {total_limit})")
 
 
 def resume(accelerator, folder, output_dir) -> Progress:
     """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
     from the checkpoint's own record rather than its folder's name."""
     folder = latest_checkpoint(output_dir) if folder == "latest" else folder
-    accelerator.load_state(folder)
+    try:
+        accelerator.load_state(folder)
+    except RuntimeError as error:  # a checkpoint without a record of its flags, written with other ones
+        raise InputError(
+            f"--resume_from_checkpoint {folder}: its weights do not fit the model these flags build "
+            f"({first_line(error)}): resume it with the start model, image size and method flags it was written with."
+        ) from None
     progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
     logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
     return progress
@@ -748,11 +792,11 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
         if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
             log_evaluation(args, accelerator, run, metric, processor, progress, window)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress)
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, args.checkpoints_total_limit)
         if steps >= run.plan.max_train_steps:
             return
     if args.checkpointing_steps == "epoch":
-        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress)
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, args.checkpoints_total_limit)
 
 
 def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
@@ -964,10 +1008,13 @@ def main(argv=None):
     logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
+    logger.info(f"  Trainable parameters = {plan.parameter_counts['trainable_parameters']:,} of "
+                f"{plan.parameter_counts['total_parameters']:,} ({method.name})")
 
     progress = Progress()
     if args.resume_from_checkpoint:
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+    progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion}
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:

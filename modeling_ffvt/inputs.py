@@ -8,6 +8,7 @@ explicit file lists and class labels.
 """
 
 import contextlib
+import difflib
 import functools
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import datasets
 import transformers
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, PreTrainedConfig
 
 from .image_processor import load_image_processor
 
@@ -423,6 +424,36 @@ def check_model_name(name: str, flag: str = "--model") -> None:
             f"{flag} {name}: there is no folder of that name (looked in {Path.cwd()}). Give the folder a model was "
             "saved in (train_hf.py's --output_dir), or a Hub id of the form owner/name."
         )
+
+
+# Keys any transformers configuration takes besides those its to_dict() writes: the number of classes (written as
+# id2label), the old name of dtype, and the entries save_pretrained adds for remote code.
+GENERAL_CONFIG_KEYS = frozenset({"num_labels", "torch_dtype", "auto_map", "_name_or_path"})
+
+
+def config_keys(config_class) -> frozenset[str]:
+    """The keys a configuration of `config_class` reads: its architecture's arguments and what every transformers
+    configuration takes (id2label, label2id, problem_type, dtype, ...), in the installed transformers release."""
+    return frozenset(config_class().to_dict()) | frozenset(PreTrainedConfig().to_dict()) | GENERAL_CONFIG_KEYS
+
+
+def check_config_keys(values: dict, config_class, source: str, docs: str) -> None:
+    """Raise InputError naming each key of `values` that a `config_class` does not read, with the nearest valid key:
+    transformers keeps an unknown key as a plain attribute, so a misspelled one (num_hidden_layer) is lost silently
+    and the default is built. `source` names where the keys come from (a flag and its value), `docs` where the valid
+    keys are listed."""
+    valid = config_keys(config_class)
+    unknown = sorted(set(values) - valid)
+    if not unknown:
+        return
+    described = []
+    for key in unknown:
+        nearest = difflib.get_close_matches(key, valid, n=1)
+        described.append(f"{key!r}" + (f" (did you mean {nearest[0]!r}?)" if nearest else ""))
+    raise InputError(
+        f"{source}: {config_class.__name__} has no key{'s' if len(unknown) > 1 else ''} {', '.join(described)}; "
+        f"the keys it takes are listed in {docs}."
+    )
 
 
 def model_load_error(name: str, error: Exception, flag: str = "--model") -> InputError:

@@ -19,7 +19,15 @@ from PIL import Image
 from .configuration_ffvt import patch_grid
 from .data import find_unreadable_images, load_rgb, processor_target_size
 from .image_processor import load_image_processor
-from .inputs import IMAGE_EXTENSIONS, InputError, exits_on_input_error, load_classifier, scan_images, skipped_note
+from .inputs import (
+    IMAGE_EXTENSIONS,
+    InputError,
+    check_model_name,
+    exits_on_input_error,
+    load_classifier,
+    scan_images,
+    skipped_note,
+)
 from .selection_map import draw_selection_map, model_input_image
 
 
@@ -158,6 +166,7 @@ def input_size(model_name):
     """The size the model's saved processor resizes images to, so that the inputs are checked as they will be read;
     None when it cannot be loaded (the model's own loading then says why, after the inputs are checked)."""
     try:
+        check_model_name(model_name)  # neither a folder nor a Hub id: no Hub request, load_classifier says why
         return processor_target_size(load_image_processor(model_name))
     except (OSError, ValueError):
         return None

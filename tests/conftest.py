@@ -54,6 +54,27 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+class NetworkAttempt(BaseException):
+    """Raised by any connection attempt under `no_network`: a BaseException, so that no retry loop (which catches
+    Exception) hides it."""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test, while huggingface_hub believes it is online (so that nothing is
+    refused early because of offline mode)."""
+    import socket
+
+    import huggingface_hub
+
+    def attempt(*args, **kwargs):
+        raise NetworkAttempt(f"a network call: {args[:2]}")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", attempt)
+    monkeypatch.setattr(socket.socket, "connect", attempt)
+
+
 def tiny_config(**overrides) -> FFVTConfig:
     """A 4-layer, 32-wide FFVT on 32 px images with 4 px patches: 65 tokens per layer, 1 + 3 * 3 in the fusion layer."""
     sizes = dict(

@@ -4,17 +4,18 @@ the run warned about and described as it ran, the source name kept by from_vit_p
 
 import argparse
 import json
+import re
 import shlex
 
 import huggingface_hub
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from transformers import ViTConfig, ViTModel, get_scheduler
+from transformers import PreTrainedConfig, ViTConfig, ViTModel, get_scheduler
 
 import train_hf
 from conftest import REPOSITORY, run_python, write_digits
-from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt import predict as predict_cli
 
 SMALL_MODEL = json.dumps(dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
@@ -62,6 +63,28 @@ def test_flag_values_are_checked_before_the_data_loads(capsys, tmp_path, flags, 
     model = [] if "--vit_npz" in flags else ["--config_name", SMALL_MODEL]
     line = flag_error(capsys, "--train_dir", tmp_path / "nowhere", *model, "--output_dir", tmp_path / "out", *flags)
     assert message in line, line
+
+
+def test_config_name_keys_ffvt_does_not_read_are_refused_with_the_nearest_name(capsys, tmp_path):
+    """A misspelled key was kept by transformers as a plain attribute, and a 12-layer model trained."""
+    start = ["--train_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out", "--config_name"]
+    line = flag_error(capsys, *start, '{"num_hidden_layer": 2, "hidden_size": 32}')
+    assert line.endswith("""--config_name {"num_hidden_layer": 2, "hidden_size": 32}: FFVTConfig has no key """
+                         """'num_hidden_layer' (did you mean 'num_hidden_layers'?); the keys it takes are listed in """
+                         "docs/training.md#from-scratch."), line
+    (tmp_path / "config.json").write_text(json.dumps({"hiden_size": 32, "num_tokens": 2, "zzz": 1}))
+    line = flag_error(capsys, *start, tmp_path)
+    assert ("FFVTConfig has no keys 'hiden_size' (did you mean 'hidden_size'?), 'num_tokens' (did you mean "
+            "'num_token'?), 'zzz';") in line, line
+    # What save_pretrained writes, and the keys every transformers configuration takes, pass.
+    FFVTConfig(**json.loads(SMALL_MODEL), id2label={0: "a", 1: "b"}).save_pretrained(tmp_path / "saved")
+    general = {**json.loads(SMALL_MODEL), "num_labels": 2, "problem_type": "single_label_classification",
+               "dtype": "float32", "output_hidden_states": False}
+    for config in (tmp_path / "saved", json.dumps(general)):
+        train_hf.parse_args([str(arg) for arg in start] + [str(config)])
+    # docs/training.md lists every key of the architecture (those a bare PreTrainedConfig lacks).
+    documented = (REPOSITORY / "docs" / "training.md").read_text().split("### From scratch")[1].split("\n\n")[1]
+    assert set(FFVTConfig().to_dict()) - set(PreTrainedConfig().to_dict()) <= set(re.findall(r"`(\w+)`", documented))
 
 
 def test_model_dependent_flags_read_the_starting_models_patch_size(capsys, tmp_path):
@@ -223,3 +246,63 @@ def test_a_warmup_longer_than_the_run_is_warned_about_and_carded_as_it_ran(tmp_p
     peak = max(learning_rates(500, 3))
     assert (f"| schedule | linear warm-up only: 500 warm-up steps planned, so the rate rose to {peak:.3g} (of 0.1) "
             "by the last of the 3 steps and never decayed |") in card
+
+
+# ---- the README's offline route ---------------------------------------------------------------------------------
+
+
+def test_the_readmes_offline_command_trains_on_a_class_folder_without_the_hub(tmp_path, monkeypatch, no_network):
+    """The command of "Your own images, offline", run as written (in this process, for speed), with any network
+    attempt failing the test: only the placeholders MY_IMAGES and my_ffvt are replaced by real folders."""
+    section = (REPOSITORY / "README.md").read_text().split("### Your own images, offline")[1]
+    command = section.split("```bash\n")[1].split("```")[0].strip()
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train_hf.py"], command
+    for label in range(2):
+        write_digits(tmp_path / "MY_IMAGES" / str(label), [label + 10 * i for i in range(6)], size=64)
+    monkeypatch.chdir(REPOSITORY)  # where the command runs: a fresh clone's root
+    replaced = {"MY_IMAGES": str(tmp_path / "MY_IMAGES"), "my_ffvt": str(tmp_path / "my_ffvt")}
+    try:
+        train_hf.main([replaced.get(word, word) for word in words[2:]])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    config = json.loads((tmp_path / "my_ffvt" / "config.json").read_text())
+    tiny = json.loads((REPOSITORY / "examples" / "tiny_config.json").read_text())
+    assert {key: config[key] for key in tiny} == tiny and config["id2label"] == {"0": "0", "1": "1"}
+
+
+def test_the_readmes_demo_command_needs_no_more_than_the_extra_it_installs(tmp_path):
+    """The README's first command installs one extra, not the whole test extra: train_hf.py --demo runs (two steps
+    here, on 16 validation images) with every module of the test extra that this extra does not bring hidden, as on a
+    machine without them."""
+    import configparser
+    import importlib.metadata
+
+    command = (REPOSITORY / "README.md").read_text().split("```bash\n")[1].split("```")[0]
+    extra = re.search(r'-e "\.\[(\w+)\]"', command).group(1)
+    assert "train_hf.py --demo" in command and extra != "test"
+    setup = configparser.ConfigParser()
+    setup.read(REPOSITORY / "setup.cfg")
+    extras = setup["options.extras_require"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~;\[ ]", line.strip())[0].lower() for line in requirements if line.strip()}
+
+    brought = names(extras[extra].splitlines())
+    for name in list(brought):  # and what they require
+        brought |= names(importlib.metadata.requires(name) or [])
+    modules = importlib.metadata.packages_distributions()
+    hidden = sorted(module for module, distributions in modules.items()
+                    if {d.lower() for d in distributions} & (names(extras["test"].splitlines()) - brought))
+    assert "pytest" in hidden and "onnxruntime" in hidden and "sklearn" not in hidden
+    script = f"""
+import sys
+for module in {hidden!r}:
+    sys.modules[module] = None  # import fails, and importlib.util.find_spec says it is not installed
+import train_hf
+train_hf.main(["--demo", "--output_dir", {str(tmp_path / "demo_output")!r}, "--max_train_steps", "2",
+               "--max_eval_samples", "16"])
+"""
+    run = run_python("-c", script, cwd=REPOSITORY)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert (tmp_path / "demo_output" / "model.safetensors").is_file()

@@ -315,6 +315,31 @@ print(json.dumps(messages))
         assert "no local folder of that name either" in hub
 
 
+@pytest.mark.parametrize("command", ["ffvt-predict", "ffvt-evaluate", "ffvt-demo", "ffvt-export-onnx", "train_hf.py"])
+def test_a_mistyped_model_name_is_refused_without_a_network_attempt(tmp_path, monkeypatch, capsys, no_network,
+                                                                    command):
+    """One rule in every command: a bare name that is no folder (`out_nothing`) is refused at once, online too,
+    without a single request to the Hub (ffvt-predict spent ~100 s in retries on it)."""
+    import train_hf
+    from modeling_ffvt import demo, evaluate_cli, export_onnx, predict
+
+    monkeypatch.chdir(tmp_path)
+    write_digits(tmp_path / "data" / "0", [0])
+    flag, main, argv = {
+        "ffvt-predict": ("--model", predict.main, ["data/0/0.png"]),
+        "ffvt-evaluate": ("--model", evaluate_cli.main, ["--data_dir", "data"]),
+        "ffvt-demo": ("--model", demo.main, []),
+        "ffvt-export-onnx": ("--model", export_onnx.main, ["--output", "out.onnx"]),
+        # --image_size makes train_hf.py read the start's config while checking its flags.
+        "train_hf.py": ("--model_name_or_path", train_hf.parse_args,
+                        ["--train_dir", "data", "--image_size", "32", "--output_dir", "out"]),
+    }[command]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, flag, "out_nothing"])
+    message = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag} out_nothing: there is no folder of that name (looked in {tmp_path})" in message, message
+
+
 def test_a_file_given_as_model_is_explained(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="is a file: give the folder the model was saved in"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from huggingface_hub import metadata_load
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from transformers import AutoModelForImageClassification
 
 from conftest import hidden_package_script, randomized, run_python, save_tiny_model, tiny_config
 from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt.inputs import InputError
 from modeling_ffvt.parameter_efficient import TrainingMethod, lora_target_pattern, write_adapter_card
 from test_trainer import trainer_section_code_blocks, write_digits_folder
 from train_hf import make_digits_folder, parse_args
@@ -332,3 +334,117 @@ def test_the_usage_lora_example_trains_and_its_adapter_reloads(tmp_path):
         elif not name.startswith(TRAINED_PREFIXES):
             assert torch.equal(tensor, merged.state_dict()[name]), name
     assert (lora_dir / "preprocessor_config.json").exists() and not (lora_dir / "adapter_config.json").exists()
+
+
+# ---- resuming with other method flags ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(digits, start, tmp_path_factory):
+    """A 2-step LoRA run of rank 2 from `start`, in this process (for speed), with a checkpoint at step 2; returns
+    (output folder, the lines train_hf logged)."""
+    import logging
+
+    import train_hf
+
+    class Lines(logging.Handler):
+        lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage().removeprefix("[RANK 0] "))
+
+    output_dir, handler, logger = tmp_path_factory.mktemp("lora_checkpoint"), Lines(), logging.getLogger("train_hf")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train_hf.main([str(arg) for arg in (
+            "--train_dir", digits / "train", "--validation_dir", digits / "validation", "--model_name_or_path", start,
+            "--recipe", "plain", "--resize_size", 36, "--max_train_samples", 64, "--max_eval_samples", 8,
+            "--per_device_train_batch_size", 8, "--max_train_steps", 2, "--num_warmup_steps", 1,
+            "--checkpointing_steps", 2, "--lora_rank", 2, "--output_dir", output_dir)])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return output_dir, handler.lines
+
+
+def test_lora_runs_log_trainable_and_total_parameters_at_the_start(lora_checkpoint):
+    _, lines = lora_checkpoint
+    config = tiny_config(num_labels=10)
+    # LoRA of rank 2 on query and value of the 3 plain layers (A: 2 x 32, B: 32 x 2), then the fusion layer, its
+    # LayerNorm and the head; the total adds LoRA's matrices to the model's own parameters.
+    lora = 3 * 2 * (2 * 32 + 32 * 2)
+    trainable = lora + layer_parameters(config.hidden_size, config.intermediate_size) + 2 * 32 + 32 * 10 + 10
+    total = FFVTForImageClassification(config).num_parameters() + lora
+    expected = f"  Trainable parameters = {trainable:,} of {total:,} (lora)"
+    assert expected in lines
+    assert lines.index(expected) < next(i for i, line in enumerate(lines) if line.startswith("step 2:"))
+
+
+@pytest.mark.parametrize(
+    "flags, change",
+    [
+        ([], "--lora_rank 2 there, 0 here"),
+        (["--lora_rank", 4], "--lora_rank 2 there, 4 here"),
+        (["--lora_rank", 2, "--lora_alpha", 8], "--lora_alpha 4.0 there, 8.0 here"),
+        (["--lora_rank", 2, "--lora_target_modules", "query,key"], "--lora_target_modules query,value there,"),
+        (["--freeze_backbone"], "--lora_rank 2 there, 0 here; --freeze_backbone not given there, True here"),
+        (["--lora_rank", 2, "--image_size", 64], "--image_size not given there, 64 here"),
+        (["--lora_rank", 2, "--model_name_or_path", "OTHER"], "--model_name_or_path START there, OTHER here"),
+    ],
+    ids=["no LoRA", "rank", "alpha", "targets", "frozen", "image size", "start model"],
+)
+def test_resuming_with_other_method_flags_is_refused_naming_the_written_ones(lora_checkpoint, start, tmp_path,
+                                                                              capsys, flags, change):
+    output_dir, _ = lora_checkpoint
+    other = shutil.copytree(start, tmp_path / "other")
+    flags = [str(other) if flag == "OTHER" else str(flag) for flag in flags]
+    data = ["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(output_dir)]  # refused before reading it
+    given = ["--model_name_or_path", str(start), *flags] if "--model_name_or_path" not in flags else flags
+    for checkpoint in (str(output_dir / "step_2"), "latest"):
+        with pytest.raises(SystemExit):
+            parse_args([*data, *given, "--resume_from_checkpoint", checkpoint])
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{change.replace('START', str(start)).replace('OTHER', str(other))}" in message, message
+        written = f"--model_name_or_path {start} --lora_rank 2"
+        assert message.endswith(f"resume it with the flags it was written with, {written}, or train anew in another "
+                                "--output_dir."), message
+        # The flags it names resume.
+        parse_args([*data, *written.split(), "--resume_from_checkpoint", checkpoint])
+
+
+def test_a_checkpoint_without_a_record_of_its_flags_is_checked_by_its_lora_weights(lora_checkpoint, start, tmp_path,
+                                                                                   capsys):
+    """Checkpoints written before they recorded their flags: LoRA or not, and LoRA's rank, read from the weights."""
+    output_dir, _ = lora_checkpoint
+    checkpoint = shutil.copytree(output_dir / "step_2", tmp_path / "out" / "step_2")
+    progress = json.loads((checkpoint / "training_progress.json").read_text())
+    del progress["written_with"]
+    (checkpoint / "training_progress.json").write_text(json.dumps(progress))
+    data = ["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"),
+            "--model_name_or_path", str(start), "--resume_from_checkpoint", str(checkpoint)]
+    for flags in ([], ["--lora_rank", "4"]):
+        with pytest.raises(SystemExit):
+            parse_args([*data, *flags])
+        assert (f"--resume_from_checkpoint {checkpoint} holds LoRA weights of rank 2 on attention.attention.query, "
+                "attention.attention.value, not those of --lora_rank") in capsys.readouterr().err
+    parse_args([*data, "--lora_rank", "2"])
+
+
+def test_weights_that_do_not_fit_stop_the_resume_with_a_message(lora_checkpoint, fresh_accelerate_state):
+    """What an unrecorded checkpoint's weights cannot tell before they load (another start or size) stops with one
+    line, not a traceback listing every state-dict key."""
+    from accelerate import Accelerator
+
+    import train_hf
+
+    output_dir, _ = lora_checkpoint
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(FFVTForImageClassification(tiny_config(num_labels=10, image_size=64)))
+    with pytest.raises(InputError) as error:
+        train_hf.resume(accelerator, str(output_dir / "step_2"), str(output_dir))
+    assert str(error.value).startswith(f"--resume_from_checkpoint {output_dir / 'step_2'}: its weights do not fit the "
+                                       "model these flags build (Error(s) in loading state_dict")
+    assert "\n" not in str(error.value)

@@ -366,7 +366,6 @@ def test_a_class_folder_named_train_is_a_class(environment, tmp_path):
         ("overlap", "is in both the train and the validation split"),
         ("splits as train_dir", "holds splits (train, validation), not class folders"),
         ("validation class train lacks", "The train split of"),
-        ("mistyped model", "--model_name_or_path mymodle: there is no folder of that name"),
     ],
 )
 def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, message):
@@ -380,8 +379,6 @@ def test_data_and_model_mistakes_are_explained(environment, tmp_path, case, mess
         (tmp_path / "data" / "validation" / "1" / "linked.png").symlink_to(train_image)
     elif case == "splits as train_dir":
         data = ["--train_dir", tmp_path / "data"]
-    elif case == "mistyped model":
-        model = ["--model_name_or_path", "mymodle"]
     assert message in stopped(environment, *data, *model, "--output_dir", tmp_path / "out")
 
 
@@ -434,3 +431,42 @@ def test_evaluation_transforms_are_the_originals_test_transform(mode):
     expected = torch.from_numpy(((crop / 255 - mean) / std).transpose(2, 0, 1))
     torch.testing.assert_close(ProcessorTransform(make_image_processor(32, 39))(image), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(FGVCTransform("plain", 32, 39, train=False)(image), expected, atol=1e-5, rtol=0)
+
+
+def test_checkpoints_total_limit_keeps_the_newest_and_the_resumed_one_until_a_newer_exists(tmp_path, monkeypatch):
+    import train_hf
+
+    for split, skip in (("train", 0), ("validation", 3)):
+        for label in range(2):
+            write_digits(tmp_path / "data" / split / str(label), digits_of(label, 2, skip))
+    output_dir = tmp_path / "out"
+    common = ["--train_dir", tmp_path / "data" / "train", "--validation_dir", tmp_path / "data" / "validation",
+              "--config_name", SMALL_MODEL, "--recipe", "plain", "--resize_size", 40, "--per_device_train_batch_size",
+              2, "--num_warmup_steps", 0, "--learning_rate", 0.01, "--checkpointing_steps", 1, "--output_dir",
+              output_dir]
+    prunes = []  # (checkpoints before, deleted) at each pruning
+
+    def watched(folder, limit):
+        before = sorted(path.name for path in Path(folder).glob("step_*"))
+        prunes.append((before, sorted(path.name for path in prune_checkpoints(folder, limit))))
+        return []
+
+    prune_checkpoints = train_hf.prune_checkpoints
+    monkeypatch.setattr(train_hf, "prune_checkpoints", watched)
+    for args in (["--max_train_steps", 4, "--checkpoints_total_limit", 2],
+                 ["--max_train_steps", 6, "--checkpoints_total_limit", 1, "--resume_from_checkpoint",
+                  output_dir / "step_3"]):
+        try:  # in this process, for speed
+            train_main([str(arg) for arg in (*common, *args)])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        if "--resume_from_checkpoint" not in args:
+            assert sorted(path.name for path in output_dir.glob("step_*")) == ["step_3", "step_4"]
+    assert prunes == [
+        (["step_1"], []), (["step_1", "step_2"], []), (["step_1", "step_2", "step_3"], ["step_1"]),
+        (["step_2", "step_3", "step_4"], ["step_2"]),
+        # Resumed from step_3 with a limit of 1: step_3 goes once step_4 is written again, newer.
+        (["step_3", "step_4"], ["step_3"]), (["step_4", "step_5"], ["step_4"]), (["step_5", "step_6"], ["step_5"]),
+    ]
+    assert sorted(path.name for path in output_dir.iterdir() if path.is_dir()) == ["step_6"]
+    assert (output_dir / "model.safetensors").is_file()  # the best model, apart from the checkpoints
