@@ -123,8 +123,8 @@ def write_report(
     and renamed `folder` once complete: a report that fails half-way leaves no folder that looks finished.
 
     Args:
-        summary: What the page names the run by, e.g. {"model", "data", "split"} (a split of None, for a folder
-            without splits, is left off the page); written into metrics.json first.
+        summary: What the page names the run by, e.g. {"model", "data", "split"} (a split of None: a folder
+            without splits, evaluated whole); written into metrics.json first.
         scores: The "accuracy", "top5_accuracy" and "mean_per_class_accuracy" of the fgvc_accuracy metric.
         references, rankings, probabilities: Each image's true class id, its top-5 class ids best first, and their
             probabilities, in `split`'s order (what `evaluation.rank_classes` gathers).
@@ -322,7 +322,7 @@ def _html(metrics: dict, pictures: list[str]) -> str:
     mistakes = metrics["mistakes"]
     summary = [
         ("model", metrics.get("model")), ("data", metrics.get("data")),
-        *([("split", metrics["split"])] if metrics.get("split") is not None else []),
+        ("split", "none: the folder is evaluated whole" if metrics.get("split") is None else metrics["split"]),
         ("images", metrics["num_images"]), ("classes present", len(metrics["per_class_images"])),
         ("mistakes", len(mistakes)), ("top-1 accuracy", f"{metrics['accuracy']:.4f}"),
         ("top-5 accuracy", f"{metrics['top5_accuracy']:.4f}"),

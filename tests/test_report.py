@@ -276,7 +276,7 @@ def test_mistakes_are_named_by_file_or_row(hand_made_run, tmp_path, drawn_texts)
         {"file": "row 2 (x.jpg)", "true": "b", "predicted": "a", "probability": 0.7},
         {"file": "row 3", "true": "b", "predicted": "a", "probability": 0.55},
     ]
-    assert "split" in metrics and metrics["split"] is None  # a folder without splits: no split row on the page
+    assert "split" in metrics and metrics["split"] is None  # a folder without splits
     # The pictures: b taken for a twice (rows 2 and 3, then the right image of a), a for b once (then b's first).
     titles = {name: [text for text, _ in texts] for name, texts in drawn_texts.items()}
     assert "b taken for a: 2 images" in titles["confused_pair_1.png"]
@@ -290,7 +290,8 @@ def test_mistakes_are_named_by_file_or_row(hand_made_run, tmp_path, drawn_texts)
     cells = TableCells(page).cells
     row = cells.index("row 2 (x.jpg)")
     assert cells[row : row + 4] == ["row 2 (x.jpg)", "b", "a", "0.700"]
-    assert "<th>split</th>" not in page and "<h2>The 3 most confident mistakes</h2>" in page
+    assert "<th>split</th><td>none: the folder is evaluated whole</td>" in page
+    assert "<h2>The 3 most confident mistakes</h2>" in page
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 3, 7])
