@@ -140,7 +140,7 @@ def write_report(
     check_report_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Made by mkdir (not tempfile), so that the report gets the permissions of any folder the user makes.
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
+    partial = folder.absolute().with_name(f".{folder.absolute().name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     partial.mkdir()
     try:
         with matplotlib.rc_context(LITERAL_TEXT):
