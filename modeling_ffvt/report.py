@@ -34,6 +34,9 @@ from .data import load_rgb
 from .inputs import counted
 from .selection_map import model_input_image, pick_counts
 
+# Class names are user data: "$1" and "$5" in one title would be parsed as mathtext ("Ba$$in" fails to parse), and
+# a matplotlibrc with text.usetex would hand them to TeX.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class_accuracy.png"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -43,12 +46,9 @@ WORST_CLASSES = 30  # classes named in the per-class picture and table
 MATRIX_CLASSES = 12  # classes of the confusion matrix picture
 PICTURED_PAIRS = 5  # confused pairs pictured
 IMAGES_PER_PAIR = 3  # misclassified images pictured per pair
-LISTED_PAIRS = 20  # confused pairs in the HTML table (metrics.json has them all)
 LISTED_MISTAKES = 50  # mistakes in the HTML table, most confident first (metrics.json has them all)
+LISTED_PAIRS = 20  # confused pairs in the HTML table (metrics.json has them all)
 DPI = 100
-# Class names are user data: "$1" and "$5" in one title would be parsed as mathtext ("Ba$$in" fails to parse), and
-# a matplotlibrc with text.usetex would hand them to TeX.
-LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
 class ReportFolderError(FileExistsError):
