@@ -535,13 +535,14 @@ def choose_cpu_threads(args, accelerator):
 
 def make_dataloaders(args, splits, config, accelerator, resize_size):
     """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
-    validation through the very processor saved beside the model; both resize to `resize_size` before cropping."""
+    validation through the very processor saved beside the model, on fully decoded images (what `pipeline` gives, so
+    the card's numbers are a user's); both resize to `resize_size` before cropping."""
     # The normalisation of the checkpoint training starts from (its own processor's, or its backbone family's).
     mean, std = image_normalization(args.vit_npz or args.model_name_or_path)
     processor = make_image_processor(config.image_size, resize_size, mean, std)
     eval_transform = ProcessorTransform(processor)
     train_transform = (
-        eval_transform if args.recipe == "plain"
+        ProcessorTransform(processor, reduced_decoding=True) if args.recipe == "plain"
         else FGVCTransform(args.recipe, config.image_size, resize_size, True, mean, std)
     )
     train_dataset, eval_dataset = (

@@ -49,8 +49,10 @@ def load_rgb(path_or_image, target_size=None):
     at least twice that size on both sides is then decoded at a half, a quarter or an eighth of its size (Pillow's
     `draft`, the JPEG decoder's own scaling), the smallest that stays at least `target_size`: a 12-megapixel photo
     resized to 600 px takes 2.3 times less CPU time, and the resized result differs from a full decode by about one
-    level in 255 on average (benchmarks/big_photos.py). Other formats, and JPEGs less than twice the target, decode at
-    full size, so they come out exactly as without `target_size`. A PIL image is taken as it is.
+    level in 255 on average (benchmarks/big_photos.py), more for small targets. Other formats, and JPEGs less than
+    twice the target, decode at full size, so they come out exactly as without `target_size`. A PIL image is taken as
+    it is. Give `target_size` only where that difference is harmless (training-time augmentation): without it the
+    image is what `pipeline("image-classification")` decodes, which prediction and evaluation must match.
 
     Alpha is dropped, not composited: the colour under transparent pixels is kept, as the original's
     `.convert("RGB")` does (palette images with transparency go through RGBA first). 16-bit grey is scaled by its
@@ -281,7 +283,8 @@ class FGVCTransform:
         """Transform one image. Pass `sample_generator(seed, epoch, index)` for reproducible training draws;
         without a generator, training draws come from torch's global RNG."""
         size = (self.resize_size, self.resize_size)
-        image = load_rgb(image, size).resize(size, Image.BILINEAR)
+        # Reduced decoding (see load_rgb) for training only, where augmentation moves pixels more than it does.
+        image = load_rgb(image, size if self.train else None).resize(size, Image.BILINEAR)
         margin = self.resize_size - self.image_size
         if self.random:
             top, left = (torch.randint(0, margin + 1, (1,), generator=generator).item() for _ in range(2))
@@ -299,15 +302,20 @@ class FGVCTransform:
 
 
 class ProcessorTransform:
-    """A saved image processor as a transform, so that evaluation scores what a user who reloads the folder gets.
+    """A saved image processor as a transform, so that evaluation scores what a user who reloads the folder gets:
+    the processor's output on the fully decoded image, as `pipeline("image-classification")` computes it.
+
+    With `reduced_decoding` (for training with the "plain" recipe only), big JPEGs are decoded at reduced size for the
+    processor's resize (`load_rgb`'s `target_size`): faster, no longer exactly what the saved processor gives.
+    `target_size` is the size images are decoded for (None: full size).
 
     It crops as FGVCTransform's evaluation transform does (offset rounded down); the original's torchvision crop
     rounds half to even, a pixel apart when (resize_size - image_size) % 4 == 3.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, reduced_decoding: bool = False):
         self.processor = processor
-        self.target_size = processor_target_size(processor)
+        self.target_size = processor_target_size(processor) if reduced_decoding else None
 
     def __call__(self, image, generator=None):
         return self.processor(load_rgb(image, self.target_size), return_tensors="pt")["pixel_values"][0]

@@ -17,6 +17,7 @@ import torch
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .inputs import check_model_name, load_classifier, scan_images
+from .model_card import markdown_text
 from .predict import predict
 from .selection_map import selection_map
 
@@ -97,8 +98,9 @@ def build_demo(model, processor, examples=(), title: str = "FFVT"):
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# {title}\nUpload an image or pick an example: the {TOP_K} most probable classes, and"
-            + (" where MAWS picked tokens in each layer (outlined) and how often (heat map)." if fusion else ".")
+            f"# {markdown_text(title)}\nUpload an image or pick an example: the {TOP_K} most probable classes, and"
+            + (" where MAWS picked tokens in each layer (outlined) and how often (heat map)." if fusion else "."),
+            latex_delimiters=[],  # the title is a model's name, not maths
         )
         with gr.Row():
             with gr.Column():

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import datasets
 from accelerate import Accelerator
@@ -24,6 +25,7 @@ from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImag
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
     InputError,
+    counted,
     exits_on_input_error,
     ids_out_of_range_message,
     label_kind,
@@ -32,7 +34,7 @@ from .inputs import (
     unknown_names_message,
 )
 from .report import check_report_folder, write_report
-from .splits import find_unreadable_rows, prepare_splits
+from .splits import WHOLE_FOLDER, find_unreadable_rows, prepare_splits
 
 
 def parse_args(argv=None):
@@ -53,15 +55,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_split(args) -> tuple[datasets.Dataset, str]:
-    """The split to evaluate, with undecoded images (load_rgb reads them), and its name."""
+def load_split(args) -> tuple[datasets.Dataset, str | None]:
+    """The split to evaluate, with undecoded images (load_rgb reads them), and its name: None for a local folder
+    without split folders, whose images are all evaluated."""
     data = prepare_splits(
         dataset_name=args.dataset_name, data_dir=args.data_dir, image_column=args.image_column_name,
         label_column=args.label_column_name, training=False, split=args.split,
     )
     for note in data.notes:
         print(note, file=sys.stderr)
-    return data.splits["validation"], data.evaluated
+    whole_folder = data.evaluated == WHOLE_FOLDER and Path(args.data_dir or args.dataset_name).is_dir()
+    return data.splits["validation"], None if whole_folder else data.evaluated
+
+
+def described(data: str, split: str | None) -> str:
+    """'the test split of DATA', or DATA itself for a folder evaluated whole (`split` None)."""
+    return data if split is None else f"the {split} split of {data}"
 
 
 def model_class_ids(split, label_column, config, data, model_name) -> list[int]:
@@ -92,7 +101,8 @@ def most_confused(references, top1, id2label, count) -> list[dict]:
 
 
 def print_report(report):
-    print(f"model: {report['model']}\ndata: {report['data']} ({report['split']} split, {report['num_images']} images)")
+    split = "" if report["split"] is None else f"{report['split']} split, "
+    print(f"model: {report['model']}\ndata: {report['data']} ({split}{counted(report['num_images'], 'image')})")
     for name, key in (
         ("top-1 accuracy", "accuracy"),
         ("top-5 accuracy", "top5_accuracy"),
@@ -123,15 +133,15 @@ def main(argv=None):
     transform = ProcessorTransform(processor)
     bad = None
     if accelerator.is_main_process:  # one process decodes every image; the others learn the result
-        rows = find_unreadable_rows(split, args.image_column_name, split_name, transform.target_size)
+        rows = find_unreadable_rows(split, args.image_column_name, split_name or WHOLE_FOLDER, transform.target_size)
         bad = [f"{name} ({reason})" for _, name, reason in rows]
     bad = broadcast_object_list([bad])[0]
     if bad:
+        them = "it" if len(bad) == 1 else "them"
         raise SystemExit(
-            f"{len(bad)} unreadable image{'s' * (len(bad) > 1)} in the {split_name} split of "
-            f"{args.data_dir or args.dataset_name}:\n  "
-            + "\n  ".join(bad)
-            + "\nFix or remove them: an accuracy without them would not be the split's."
+            f"{counted(len(bad), 'unreadable image')} in {described(args.data_dir or args.dataset_name, split_name)}:"
+            "\n  " + "\n  ".join(bad) + f"\nFix or remove {them}: an accuracy without {them} would not be the "
+            f"{'folder' if split_name is None else 'split'}'s."
         )
     images = ImageClassificationDataset(split, args.image_column_name, class_ids, transform)
     # Evaluation mode: the model is only placed and given mixed precision, not wrapped for gradient syncing.
@@ -160,11 +170,14 @@ def main(argv=None):
         print_report(report)
     if args.report is not None:
         summary = {key: report[key] for key in ("model", "data", "split")}
-        page = write_report(
-            args.report, summary=summary, scores=scores, references=references, rankings=rankings,
-            model=accelerator.unwrap_model(model), processor=processor, split=split,
-            image_column=args.image_column_name,
-        )
+        try:
+            page = write_report(
+                args.report, summary=summary, scores=scores, references=references, rankings=rankings,
+                probabilities=ranked["probabilities"], model=accelerator.unwrap_model(model), processor=processor,
+                split=split, image_column=args.image_column_name,
+            )
+        except OSError as error:
+            raise SystemExit(str(error)) from None
         print(f"report: {page}", file=sys.stderr)
 
 

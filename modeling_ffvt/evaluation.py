@@ -23,16 +23,19 @@ def load_fgvc_accuracy(**kwargs):
 def rank_classes(model, dataloader, accelerator, progress: bool = False) -> dict[str, list]:
     """Run `model` over `dataloader` ({"pixel_values", "labels"} batches, prepared by `accelerator`) and gather, from
     every process and without the padding that evens out the last batch: "rankings", the top-5 class ids of each image
-    best first; "references", the true class ids; "losses", each image's cross-entropy. The model is left in eval
-    mode."""
+    best first; "probabilities", their probabilities (softmax of the logits); "references", the true class ids;
+    "losses", each image's cross-entropy. The model is left in eval mode."""
     model.eval()
-    rankings, references, losses = [], [], []
+    rankings, probabilities, references, losses = [], [], [], []
     for batch in tqdm(dataloader, desc="evaluating", disable=not (progress and accelerator.is_local_main_process)):
         logits = model(pixel_values=batch["pixel_values"]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-        ranking = logits.topk(min(5, logits.shape[-1])).indices
-        ranking, labels, loss = accelerator.gather_for_metrics((ranking, batch["labels"], loss))
+        top = logits.softmax(-1).topk(min(5, logits.shape[-1]))
+        ranking, probability, labels, loss = accelerator.gather_for_metrics(
+            (top.indices, top.values, batch["labels"], loss)
+        )
         rankings += ranking.tolist()
+        probabilities += probability.tolist()
         references += labels.tolist()
         losses += loss.tolist()
-    return {"rankings": rankings, "references": references, "losses": losses}
+    return {"rankings": rankings, "probabilities": probabilities, "references": references, "losses": losses}

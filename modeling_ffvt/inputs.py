@@ -98,6 +98,11 @@ def scan_images(folder: str | os.PathLike) -> FolderScan:
     return scan
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`count` and the noun, singular for 1 ("1 image", "3 images"; `plural` for irregular nouns)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def skipped_note(skipped: int, where: str) -> str | None:
     """A line for the user when hidden or system entries were left out of `where`; None when none were."""
     if not skipped:

@@ -1,6 +1,9 @@
 """The model card (README.md with the YAML the Hub reads) and its selection-map picture, for a folder train_hf.py
 saved."""
 
+import json
+import re
+import shlex
 from pathlib import Path
 
 import torch
@@ -21,6 +24,22 @@ CITATION = """@inproceedings{wang2021ffvt,
   eprint={2107.02341},
   archivePrefix={arXiv}
 }"""
+
+
+# The characters that can start Markdown markup inside a line (CommonMark, GitHub's tables, the `$` of the Hub's and
+# Gradio's maths, a heading's closing `#`), each escaped with a backslash where names are written as text.
+_MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]<>&|$~#])")
+
+
+def markdown_text(text) -> str:
+    """`text` (a class, data set or model name) as Markdown that renders it literally, on one line."""
+    return _MARKDOWN_MARKUP.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def _code_span(text: str) -> str:
+    """`text` as a Markdown code span, fenced by more backticks than it holds in a row."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"{fence}{text}{fence}"
 
 
 # (metric type, name shown, key of the evaluation results)
@@ -71,8 +90,13 @@ def write_model_card(
             for metric_type, name, key in METRICS
         ],
     )
-    rows = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters.items())
-    results_on = f"the {evaluated} split" if held_out is None else f"{held_out:.0%} of train, held out from training"
+    rows = "\n".join(f"| {markdown_text(name)} | {markdown_text(value)} |" for name, value in hyperparameters.items())
+    # The id as a Python string and as one shell word, so that the snippets run whatever characters it holds.
+    repo = json.dumps(repo_id, ensure_ascii=False)
+    demo, space = (_code_span(f"ffvt-demo --model {shlex.quote(repo_id)}{flags}")
+                   for flags in ("", " --write_space space"))
+    results_on = (f"the {markdown_text(evaluated)} split" if held_out is None
+                  else f"{held_out:.0%} of train, held out from training")
     scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in METRICS)
     selection_map_section = ""
     if Path(output_dir, SELECTION_MAP_FILE).exists():
@@ -85,9 +109,9 @@ For one validation image, the patches MAWS picked in each layer before the fusio
 each patch was picked across layers.
 """
     body = f"""
-# {repo_id}
+# {markdown_text(repo_id)}
 
-An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classes} classes of {dataset},
+An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classes} classes of {markdown_text(dataset)},
 trained with `train_hf.py` of modeling_ffvt, the Transformers port of [FFVT](https://github.com/Markin-Wang/FFVT)
 (Wang, Yu and Gao, BMVC 2021, [arXiv:2107.02341](https://arxiv.org/abs/2107.02341)). FFVT is a ViT whose last layer
 attends only to the CLS token and to the tokens that mutual attention weight selection (MAWS) picks from every
@@ -98,7 +122,7 @@ earlier layer, which suits fine-grained categorisation.
 ```python
 from transformers import pipeline
 
-classifier = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+classifier = pipeline("image-classification", model={repo}, trust_remote_code=True)
 classifier("image.jpg")
 ```
 
@@ -108,15 +132,15 @@ or with the Auto classes:
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-processor = AutoImageProcessor.from_pretrained("{repo_id}")
-model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained({repo})
+model = AutoModelForImageClassification.from_pretrained({repo}, trust_remote_code=True)
 logits = model(**processor(Image.open("image.jpg").convert("RGB"), return_tensors="pt")).logits
 print(model.config.id2label[logits.argmax(-1).item()])
 ```
 
 To try it in a browser, install modeling_ffvt (the package that wrote this card) with its `demo` extra and run
-`ffvt-demo --model {repo_id}`: a Gradio page at <http://127.0.0.1:7860> shows the five most probable classes of an
-uploaded image and the tokens MAWS picked in each layer. `ffvt-demo --model {repo_id} --write_space space` writes
+{demo}: a Gradio page at <http://127.0.0.1:7860> shows the five most probable classes of an
+uploaded image and the tokens MAWS picked in each layer. {space} writes
 that page as a folder to push as a Hugging Face Space.
 
 ## Training

@@ -1,32 +1,42 @@
 """The evaluation report `ffvt-evaluate --report OUT` writes: what the model scored image by image, pictures of
 where it fails and what MAWS looked at, and one HTML page that shows them offline.
 
-    OUT/metrics.json            accuracies, per-class accuracy and image counts, every mistake as {true, predicted}
+    OUT/metrics.json            accuracies, per-class accuracy and image counts, the confused pairs, and every
+                                mistake as {file, true, predicted, probability}
     OUT/per_class_accuracy.png  every class's accuracy sorted, and the worst classes by name
     OUT/confusion_matrix.png    the confusion matrix restricted to the most confused classes
     OUT/confused_pair_N.png     for the N-th most confused pair: misclassified images and an image of the class they
                                 were taken for, each with its selection map (how many layers MAWS picked each patch)
-    OUT/report.html             all of it on one page, with the run's summary
+    OUT/report.html             all of it on one page, with the run's summary and the most confident mistakes
 
 The pictures cover the worst classes and the most confused pairs only, so a large set costs one forward pass more
 per pictured image (a few dozen at most), not per image of the set. Pictures are drawn with matplotlib's object API
-(no pyplot state, no display needed).
+(no pyplot state, no display needed), every text literally (a class named "$1" is not mathtext). The report is
+written into a hidden folder beside OUT and renamed OUT when complete, so a report that fails leaves no OUT behind.
 """
 
 import html
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from .configuration_ffvt import _pair, patch_grid
 from .data import load_rgb
+from .inputs import counted
 from .selection_map import model_input_image, pick_counts
 
+# Class names are user data: "$1" and "$5" in one title would be parsed as mathtext ("Ba$$in" fails to parse), and
+# a matplotlibrc with text.usetex would hand them to TeX.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class_accuracy.png"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -36,6 +46,7 @@ WORST_CLASSES = 30  # classes named in the per-class picture and table
 MATRIX_CLASSES = 12  # classes of the confusion matrix picture
 PICTURED_PAIRS = 5  # confused pairs pictured
 IMAGES_PER_PAIR = 3  # misclassified images pictured per pair
+LISTED_MISTAKES = 50  # mistakes in the HTML table, most confident first (metrics.json has them all)
 LISTED_PAIRS = 20  # confused pairs in the HTML table (metrics.json has them all)
 DPI = 100
 # The style of the pages the commands write (this report, ffvt-compare's comparison.html): inline, nothing fetched.
@@ -87,26 +98,85 @@ def score_images(references: list[int], rankings: list[list[int]], id2label: dic
     }
 
 
-def write_report(folder, *, summary: dict, scores: dict, references, rankings, model, processor, split, image_column):
-    """Write metrics.json, the pictures and report.html into `folder` (made when missing) and return the HTML path.
+def image_name(entry, row: int, full: bool = True) -> str:
+    """How the report names image `row` of a split from its image column's `entry` (a path, or an undecoded
+    `datasets.Image` entry): a file by its path (its name alone unless `full`), an image embedded in the data set as
+    "row N", with the file name it was stored under when there is one."""
+    if isinstance(entry, dict):
+        if entry.get("bytes") is not None:
+            return f"row {row}" + (f" ({entry['path']})" if entry.get("path") else "")
+        entry = entry["path"]
+    return os.fspath(entry) if full else os.path.basename(entry)
+
+
+def list_mistakes(references, rankings, probabilities, names: dict, id2label) -> list[dict]:
+    """{"file", "true", "predicted", "probability"} of every image whose top-1 class is not its class, in data-set
+    order: `names` maps each such image's index to its name (`image_name`), `probabilities[i][0]` is the probability
+    of image i's top-1 class (the softmax of its logits)."""
+    return [
+        {"file": names[index], "true": id2label[true], "predicted": id2label[ranking[0]],
+         "probability": probabilities[index][0]}
+        for index, (true, ranking) in enumerate(zip(references, rankings))
+        if ranking[0] != true
+    ]
+
+
+def write_report(
+    folder, *, summary: dict, scores: dict, references, rankings, probabilities, model, processor, split, image_column
+):
+    """Write metrics.json, the pictures and report.html into `folder`, a new or empty folder, and return the HTML path.
+
+    The files are written into a hidden folder beside `folder` (`.NAME.partial-...`), removed when anything fails,
+    and renamed `folder` once complete: a report that fails half-way leaves no folder that looks finished.
 
     Args:
-        summary: What the page names the run by, e.g. {"model", "data", "split"}; written into metrics.json first.
+        summary: What the page names the run by, e.g. {"model", "data", "split"} (a split of None: a folder
+            without splits, evaluated whole); written into metrics.json first.
         scores: The "accuracy", "top5_accuracy" and "mean_per_class_accuracy" of the fgvc_accuracy metric.
-        references, rankings: Each image's true class id and its top-5 class ids, best first, in `split`'s order
-            (what `evaluation.rank_classes` gathers).
+        references, rankings, probabilities: Each image's true class id, its top-5 class ids best first, and their
+            probabilities, in `split`'s order (what `evaluation.rank_classes` gathers).
         model, processor: The (unwrapped) model that ranked them, in eval mode, and its image processor; they run
             again on the pictured images only.
         split, image_column: The evaluated `datasets` split and its image column (paths or undecoded entries).
 
-    Raises OSError when the folder cannot be written.
+    Raises ReportFolderError (a FileExistsError) when `folder` holds files, or got some while the report was
+    written (the finished report is then left in the hidden folder, which the message names), and OSError when the
+    folder cannot be written.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_report_folder(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Made by mkdir (not tempfile), so that the report gets the permissions of any folder the user makes.
+    partial = folder.absolute().with_name(f".{folder.absolute().name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
+    partial.mkdir()
+    try:
+        with matplotlib.rc_context(LITERAL_TEXT):
+            _write_files(partial, summary, scores, references, rankings, probabilities, model, processor, split,
+                         image_column)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # an empty folder given as OUT; rename replaces no folder that holds files
+    try:
+        partial.rename(folder)
+    except OSError as error:
+        raise ReportFolderError(
+            f"--report {folder} was made or filled by something else while the report was written; the report is in "
+            f"{partial}: move it where you want it."
+        ) from error
+    return folder / HTML_FILE
+
+
+def _write_files(folder, summary, scores, references, rankings, probabilities, model, processor, split, image_column):
     id2label = model.config.id2label
     per_image = score_images(references, rankings, id2label)
-    metrics = {**summary, "num_images": len(references), **scores, **per_image}
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    wrong = [index for index, (true, ranking) in enumerate(zip(references, rankings)) if ranking[0] != true]
+    entries = split.select(wrong)[image_column] if wrong else []
+    names = {index: image_name(entry, index) for index, entry in zip(wrong, entries)}
+    mistakes = list_mistakes(references, rankings, probabilities, names, id2label)
+    metrics = {**summary, "num_images": len(references), **scores, **per_image, "mistakes": mistakes}
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     figures = [(PER_CLASS_FILE, _per_class_figure(per_image["per_class_accuracy"], per_image["per_class_images"]))]
     if per_image["confusion"]:
@@ -116,14 +186,14 @@ def write_report(folder, *, summary: dict, scores: dict, references, rankings, m
     for number, pair in enumerate(per_image["confusion"][:PICTURED_PAIRS], start=1):
         true, predicted = label2id[pair["true"]], label2id[pair["predicted"]]
         examples = _pair_examples(references, top1, true, predicted)
-        pictured, num_layers = _seen_and_picked(model, processor, [split[index][image_column] for index in examples])
-        figure = _pair_figure(pair, examples, pictured, num_layers, references, top1, id2label)
+        pictured_entries = [split[index][image_column] for index in examples]
+        pictured, num_layers = _seen_and_picked(model, processor, pictured_entries)
+        shown = [image_name(entry, index, full=False) for entry, index in zip(pictured_entries, examples)]
+        figure = _pair_figure(pair, examples, shown, pictured, num_layers, references, top1, id2label)
         figures.append((PAIR_FILE.format(number), figure))
     for name, figure in figures:
         figure.savefig(folder / name, dpi=DPI)
-    path = folder / HTML_FILE
-    path.write_text(_html(metrics, [name for name, _ in figures]))
-    return path
+    (folder / HTML_FILE).write_text(_html(metrics, [name for name, _ in figures]), encoding="utf-8")
 
 
 def _pair_examples(references, top1, true, predicted) -> list[int]:
@@ -176,12 +246,16 @@ def _per_class_figure(accuracy: dict, images: dict) -> Figure:
     curve.step(range(1, len(values) + 1), values, where="mid")
     curve.axhline(np.mean(values), color="grey", linestyle="--", label=f"mean {np.mean(values):.3f}")
     curve.set(xlabel="classes, worst first", ylabel="top-1 accuracy", ylim=(-0.02, 1.02), title="All classes")
+    # Class ranks are whole numbers, also for one or two classes (whose default ticks are 0.95, 1.0, ... or 1.5).
+    curve.set_xlim(0.5, len(values) + 0.5)
+    curve.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     curve.legend(loc="lower right")
     positions = np.arange(len(worst))
     bars.barh(positions, [accuracy[name] for name in worst], color="tab:red")
     bars.set_yticks(positions, [_short(name) for name in worst])
     bars.invert_yaxis()
-    bars.set(xlim=(0, 1.15), xlabel="top-1 accuracy", title=f"The {len(worst)} worst classes")
+    bars.set(xlim=(0, 1.15), xlabel="top-1 accuracy")
+    bars.set_title(f"The {counted(len(worst), 'worst class', 'worst classes')}")
     for position, name in zip(positions, worst):
         hits = round(accuracy[name] * images[name])
         bars.text(accuracy[name] + 0.01, position, f"{hits}/{images[name]}", va="center", fontsize=8)
@@ -222,25 +296,28 @@ def _confusion_figure(references, rankings, confusion, id2label) -> Figure:
     return figure
 
 
-def _pair_figure(pair, examples, pictured, num_layers, references, top1, id2label) -> Figure:
-    """One column per image: the image as the model saw it, titled by its true and predicted class, and under it the
-    same image with the selection map's heat map, coloured from 0 to `num_layers` (when the model picks tokens)."""
+def _pair_figure(pair, examples, names, pictured, num_layers, references, top1, id2label) -> Figure:
+    """One column per image: the image as the model saw it, titled by its name (`names`), true and predicted class,
+    and under it the same image with the selection map's heat map, coloured from 0 to `num_layers` (when the model
+    picks tokens)."""
     rows = 2 if pictured[0][1] is not None else 1
     figure = Figure(figsize=(2.8 * len(examples), 3.1 * rows + 0.5), layout="constrained")
     axes = np.asarray(figure.subplots(rows, len(examples), squeeze=False))
-    figure.suptitle(f"{_short(pair['true'], 40)} taken for {_short(pair['predicted'], 40)}: {pair['count']} images")
-    for column, (index, (image, counts)) in enumerate(zip(examples, pictured)):
+    figure.suptitle(
+        f"{_short(pair['true'], 40)} taken for {_short(pair['predicted'], 40)}: {counted(pair['count'], 'image')}"
+    )
+    for column, (index, name, (image, counts)) in enumerate(zip(examples, names, pictured)):
         true, guess = id2label[references[index]], id2label[top1[index]]
         verdict = f"taken for {_short(guess, 22)}" if true != guess else "(right)"
         axes[0, column].imshow(image)
-        axes[0, column].set_title(f"row {index}: {_short(true, 22)}\n{verdict}", fontsize=8)
+        axes[0, column].set_title(f"{_short(name, 30)}\n{_short(true, 22)}\n{verdict}", fontsize=8)
         if counts is not None:
             axes[1, column].imshow(image)
             axes[1, column].imshow(
                 counts, cmap="viridis", alpha=0.6, vmin=0, vmax=num_layers, interpolation="nearest",
                 extent=(0, image.width, image.height, 0),
             )
-            axes[1, column].set_title(f"MAWS picks (of {num_layers} layers)", fontsize=8)
+            axes[1, column].set_title(f"MAWS picks (of {counted(num_layers, 'layer')})", fontsize=8)
         for axis in axes[:, column]:
             axis.set_axis_off()
     return figure
@@ -249,11 +326,12 @@ def _pair_figure(pair, examples, pictured, num_layers, references, top1, id2labe
 def _html(metrics: dict, pictures: list[str]) -> str:
     """One self-contained page (pictures by relative path, no script, no web font) that opens from the folder."""
     e = html.escape
-    mistakes = sum(pair["count"] for pair in metrics["confusion"])
+    mistakes = metrics["mistakes"]
     summary = [
-        ("model", metrics.get("model")), ("data", metrics.get("data")), ("split", metrics.get("split")),
+        ("model", metrics.get("model")), ("data", metrics.get("data")),
+        ("split", "none: the folder is evaluated whole" if metrics.get("split") is None else metrics["split"]),
         ("images", metrics["num_images"]), ("classes present", len(metrics["per_class_images"])),
-        ("mistakes", mistakes), ("top-1 accuracy", f"{metrics['accuracy']:.4f}"),
+        ("mistakes", len(mistakes)), ("top-1 accuracy", f"{metrics['accuracy']:.4f}"),
         ("top-5 accuracy", f"{metrics['top5_accuracy']:.4f}"),
         ("mean per-class accuracy", f"{metrics['mean_per_class_accuracy']:.4f}"),
     ]
@@ -267,6 +345,12 @@ def _html(metrics: dict, pictures: list[str]) -> str:
         f"<tr><td>{e(pair['true'])}</td><td>{e(pair['predicted'])}</td><td>{pair['count']}</td></tr>"
         for pair in metrics["confusion"][:LISTED_PAIRS]
     )
+    confident = sorted(mistakes, key=lambda mistake: -mistake["probability"])[:LISTED_MISTAKES]
+    mistake_rows = "".join(
+        f"<tr><td>{e(mistake['file'])}</td><td>{e(mistake['true'])}</td><td>{e(mistake['predicted'])}</td>"
+        f"<td>{mistake['probability']:.3f}</td></tr>"
+        for mistake in confident
+    )
     figures = "".join(f'<figure><img src="{e(name)}" alt="{e(name)}"></figure>' for name in pictures)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>FFVT evaluation: {e(str(metrics.get("model")))}</title>
@@ -277,9 +361,11 @@ def _html(metrics: dict, pictures: list[str]) -> str:
 <h2>Pictures</h2>
 <p>Confused pairs show each image as the model saw it; below it, how many layers MAWS picked each patch.</p>
 {figures}
-<h2>The {len(worst)} worst classes</h2>
+<h2>The {counted(len(worst), "worst class", "worst classes")}</h2>
 <table id="worst"><tr><th>class</th><th>accuracy</th><th>images</th></tr>{worst_rows}</table>
 <h2>Most confused pairs</h2>
 <table id="confused"><tr><th>true</th><th>predicted</th><th>images</th></tr>{pair_rows}</table>
+<h2>The {counted(len(confident), "most confident mistake")}</h2>
+<table id="mistakes"><tr><th>image</th><th>true</th><th>predicted</th><th>probability</th></tr>{mistake_rows}</table>
 </body></html>
 """

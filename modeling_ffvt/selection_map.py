@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .configuration_ffvt import _pair, patch_grid
-from .data import load_rgb, processor_target_size
+from .data import load_rgb
+from .inputs import counted
 
 OUTLINE_COLOR = (255, 0, 0)
 BACKGROUND = (255, 255, 255)
@@ -126,7 +127,7 @@ def _color_bar(width, num_layers, font, line_height):
     bar.paste(Image.fromarray(strip), (0, 0))
     draw = ImageDraw.Draw(bar)
     draw.text((0, line_height // 2 + 1), "0", fill=TEXT_COLOR, font=font)
-    label = f"{num_layers} layers"
+    label = counted(num_layers, "layer")
     draw.text((width - draw.textlength(label, font=font), line_height // 2 + 1), label, fill=TEXT_COLOR, font=font)
     return bar
 
@@ -181,7 +182,7 @@ def draw_selection_map(
     for layer, layer_picks in zip(layers, picks):
         title = f"layer {layer + 1}" + (" (+CLS)" if 0 in layer_picks else "")
         panels.append((title, _outlined(image, layer_picks, grid_size, cell, scale, outline_color)))
-    heat_title = f"picks in {len(picks)} layers" + (f" (CLS: {cls_count})" if cls_count else "")
+    heat_title = f"picks in {counted(len(picks), 'layer')}" + (f" (CLS: {cls_count})" if cls_count else "")
     panels.append((heat_title, _heat_map(counts, len(picks), cell, scale)))
 
     font = ImageFont.load_default(size=max(10, min(16, image.width * scale // 12)))
@@ -210,13 +211,14 @@ def draw_selection_map(
 def selection_map(model, processor, image, **draw_kwargs) -> tuple[Image.Image, object]:
     """Run `processor` and `model` on one image and draw its picks on the image as the model saw it.
 
-    `image` is a path or a PIL image of any mode. The picture is drawn on `model_input_image` (the processor's
-    normalisation undone), so it shows the crop the model read. Inputs whose processed size is not the model's
-    `image_size` run with `interpolate_pos_encoding=True`. Put the model in eval mode first: dropout changes picks.
+    `image` is a path or a PIL image of any mode, decoded fully (as `pipeline` does). The picture is drawn on
+    `model_input_image` (the processor's normalisation undone), so it shows the crop the model read. Inputs whose
+    processed size is not the model's `image_size` run with `interpolate_pos_encoding=True`. Put the model in eval
+    mode first: dropout changes picks.
 
     Returns the picture (see `draw_selection_map`, which receives `draw_kwargs`) and the model's outputs.
     """
-    pixel_values = processor(load_rgb(image, processor_target_size(processor)), return_tensors="pt")["pixel_values"]
+    pixel_values = processor(load_rgb(image), return_tensors="pt")["pixel_values"]
     height, width = pixel_values.shape[-2:]
     config = model.config
     outputs = model(

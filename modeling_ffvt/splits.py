@@ -29,6 +29,8 @@ from .inputs import (
     unlabelled_rows,
 )
 
+# The split of a folder without split folders, for evaluation (training calls it train).
+WHOLE_FOLDER = "all"
 # Where each command looks for the split to evaluate when none is named: training keeps test for last, since a
 # data set with both reports on its validation split while choosing the best step; ffvt-evaluate scores test first.
 TRAINING_ORDER = ("validation", "test")
@@ -156,7 +158,7 @@ def prepare_splits(
     name = dataset_name or data_dir or train_dir
     dataset, notes = read_data(
         dataset_name=dataset_name, train_dir=train_dir, validation_dir=validation_dir, data_dir=data_dir,
-        image_column=image_column, label_column=label_column, default_split="train" if training else "all",
+        image_column=image_column, label_column=label_column, default_split="train" if training else WHOLE_FOLDER,
     )
     if training and "train" not in dataset:
         raise InputError(f"The data set has no train split, only {list(dataset)}.")

@@ -175,3 +175,32 @@ def hidden_package_script(body: str) -> str:
             pass
         """
     ) + textwrap.dedent(body)
+
+
+# JPEG sizes for a model that resizes to 36 px (save_tiny_model): Pillow's `draft` would decode the first three at an
+# eighth, a quarter and a half of their size; the last is under twice the size and decodes whole whatever is asked.
+PHOTO_SIZES = [(640, 427), (200, 150), (100, 80), (48, 40)]
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """scikit-learn's china.jpg (a real 640 x 427 photo) at each of PHOTO_SIZES, saved as JPEG (quality 90)."""
+    from sklearn.datasets import load_sample_image
+
+    china = Image.fromarray(load_sample_image("china.jpg"))
+    folder = tmp_path_factory.mktemp("photos")
+    paths = [folder / f"china_{width}x{height}.jpg" for width, height in PHOTO_SIZES]
+    for size, path in zip(PHOTO_SIZES, paths):
+        (china if china.size == size else china.resize(size, Image.BICUBIC)).save(path, quality=90)
+    return paths
+
+
+def pipeline_scores(model_folder, images) -> list[dict[str, float]]:
+    """Each image's probability of every class, by name, from transformers' `pipeline("image-classification")` on the
+    saved folder: what the model's saved processor and the model give on the whole image, which our commands match."""
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(model_folder))
+    results = classifier([str(image) if isinstance(image, Path) else image for image in images],
+                         top_k=classifier.model.config.num_labels)
+    return [{result["label"]: result["score"] for result in image_results} for image_results in results]

@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from PIL import Image, ImageFile
 from sklearn.datasets import load_sample_image
@@ -68,19 +69,25 @@ def test_a_big_jpeg_decodes_at_a_quarter_and_resizes_to_nearly_the_full_decode(b
         assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 8
 
 
-def test_the_transforms_decode_for_the_size_they_resize_to(big_jpeg):
-    fgvc = FGVCTransform("plain", 256, TARGET, train=False)
+def test_training_transforms_decode_for_the_size_they_resize_to_and_evaluation_decodes_whole(big_jpeg):
     processor = make_image_processor(256, TARGET)
-    transform = ProcessorTransform(processor)
-    assert processor_target_size(processor) == transform.target_size == (TARGET, TARGET)
+    reduced = ProcessorTransform(processor, reduced_decoding=True)  # train_hf's plain recipe
+    assert processor_target_size(processor) == reduced.target_size == (TARGET, TARGET)
     full = load_rgb(big_jpeg)
-    for pixels, expected in (
-        (fgvc(big_jpeg), fgvc(full)),  # a PIL image is taken as given: the full decode
-        (transform(big_jpeg), processor(full, return_tensors="pt")["pixel_values"][0]),
+    expected = processor(full, return_tensors="pt")["pixel_values"][0]
+    for pixels, whole in (
+        # A PIL image is taken as given: the full decode. "plain" training draws nothing at random.
+        (FGVCTransform("plain", 256, TARGET, train=True)(big_jpeg), FGVCTransform("plain", 256, TARGET, True)(full)),
+        (reduced(big_jpeg), expected),
     ):
-        assert pixels.shape == expected.shape == (3, 256, 256)
+        assert pixels.shape == whole.shape == (3, 256, 256)
         # One level in 255 is 0.0171 after ImageNet normalisation (std 0.229).
-        assert 0 < (pixels - expected).abs().mean() < 1.5 * 0.0171 / 0.229
+        assert 0 < (pixels - whole).abs().mean() < 1.5 * 0.0171 / 0.229
+    # Evaluation: exactly the processor's output on the whole image, whichever transform.
+    assert ProcessorTransform(processor).target_size is None
+    assert torch.equal(ProcessorTransform(processor)(big_jpeg), expected)
+    fgvc = FGVCTransform("plain", 256, TARGET, train=False)
+    assert torch.equal(fgvc(big_jpeg), fgvc(full))
 
 
 @pytest.mark.parametrize(
@@ -197,7 +204,7 @@ def test_predict_and_evaluate_list_an_image_over_the_bound(folder_with_a_huge_im
     assert f"{huge}: not a readable image (100 x 100 pixels" in predict_exit.value.code
     with pytest.raises(SystemExit) as evaluate_exit:
         evaluate_main(["--model", str(root / "model"), "--data_dir", str(root / "digits")])
-    assert evaluate_exit.value.code.startswith("1 unreadable image in the all split of")
+    assert evaluate_exit.value.code.startswith(f"1 unreadable image in {root / 'digits'}:")
     assert f"\n  {huge} (100 x 100 pixels" in evaluate_exit.value.code
     assert capsys.readouterr().out == ""
 

@@ -1,21 +1,25 @@
 import json
+from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance
 
+from conftest import pipeline_scores, save_tiny_model
 from modeling_ffvt.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RECIPES,
     FGVCTransform,
+    ProcessorTransform,
     UnreadableImageError,
     find_unreadable_images,
     load_rgb,
     sample_generator,
 )
-from modeling_ffvt.image_processor import default_resize_size
+from modeling_ffvt.image_processor import default_resize_size, load_image_processor
 
 
 def random_rgb(height, width, seed=0):
@@ -254,3 +258,27 @@ def test_default_sizes_give_the_papers_shapes():
     cub = FGVCTransform("cub", 448, default_resize_size(448), train=True)
     assert cub(image, sample_generator(0, 0, 0)).shape == (3, 448, 448)
     assert FGVCTransform("cotton", 384, default_resize_size(384), train=False)(image).shape == (3, 384, 384)
+
+
+def test_train_hf_validates_on_what_pipeline_gives(photos, tmp_path):
+    """train_hf.py's validation batches (whose accuracy goes on the card) are what the saved processor gives on the
+    whole image, as pipeline("image-classification"); training with the plain recipe may decode big JPEGs reduced."""
+    from train_hf import make_dataloaders
+
+    model = save_tiny_model(tmp_path, ["a", "b", "c"], seed=5)
+    split = datasets.Dataset.from_dict({"image": list(map(str, photos)), "label": [0] * len(photos)}).cast_column(
+        "image", datasets.Image(decode=False))
+    args = SimpleNamespace(
+        vit_npz=None, model_name_or_path=None, recipe="plain", image_column_name="image", label_column_name="label",
+        seed=0, dataloader_num_workers=0, per_device_train_batch_size=len(photos),
+        per_device_eval_batch_size=len(photos),
+    )
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+    splits = {"train": split, "validation": split}
+    processor, train, validation = make_dataloaders(args, splits, model.config, accelerator, resize_size=36)
+    assert processor.to_dict() == load_image_processor(tmp_path).to_dict()
+    with torch.no_grad():
+        probabilities = model(next(iter(validation))["pixel_values"]).logits.softmax(-1)
+    for row, scores in zip(probabilities, pipeline_scores(tmp_path, photos), strict=True):
+        np.testing.assert_allclose(row, [scores[name] for name in "abc"], atol=1e-5)
+    assert isinstance(train.dataset.transform, ProcessorTransform) and train.dataset.transform.target_size == (36, 36)

@@ -2,17 +2,19 @@
 --write_space writes, and the refusals. tests/test_demo_browser.py drives the page itself."""
 
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import SpaceCard
+from PIL import Image
 
-from conftest import digit_image, randomized, run_python, save_tiny_model, tiny_config, write_digits
+from conftest import digit_image, pipeline_scores, randomized, run_python, save_tiny_model, tiny_config, write_digits
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.configuration_ffvt import patch_grid
-from modeling_ffvt.demo import classify, main
-from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.demo import build_demo, classify, main
+from modeling_ffvt.image_processor import load_image_processor, make_image_processor
 from modeling_ffvt.selection_map import draw_selection_map, model_input_image
 
 gradio = pytest.importorskip("gradio")
@@ -51,6 +53,46 @@ def test_page_shows_the_top5_and_the_selection_map(backbone):
         num_register_tokens=config.num_register_tokens,
     )
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
+
+
+def test_probabilities_are_pipelines_on_jpegs_of_every_size(photos, tmp_path):
+    """The page's classes are pipeline("image-classification")'s on the uploaded image, whatever its size."""
+    model = save_tiny_model(tmp_path, CLASSES, seed=4)
+    processor = load_image_processor(tmp_path)
+    for photo, scores in zip(photos, pipeline_scores(tmp_path, photos), strict=True):
+        with Image.open(photo) as image:  # as Gradio hands an upload over: a PIL image
+            labels, _ = classify(model, processor, image)
+        top = sorted(scores, key=scores.get, reverse=True)[:5]
+        assert list(labels) == top
+        assert list(labels.values()) == pytest.approx([scores[name] for name in top], abs=1e-5)
+
+
+def rendered_text(markdown: str) -> str:
+    """What a CommonMark renderer shows of `markdown`: its HTML's text, entities decoded."""
+    from markdown_it import MarkdownIt
+
+    texts = []
+    parser = HTMLParser()
+    parser.handle_data = texts.append
+    parser.feed(MarkdownIt("commonmark").render(markdown))
+    return "".join(texts)
+
+
+def test_names_are_shown_literally():
+    """Class names reach the page's gr.Label as they are; the model's name in the title is not Markdown, HTML or
+    maths."""
+    names = ["$1", "$5", "<b>bold</b>", "a & b", "\"quoted\" 'é'", "*star* _under_ `tick` [link](x) # | ~"]
+    config = tiny_config(num_labels=len(names), id2label=dict(enumerate(names)))
+    model, processor = randomized(FFVTForImageClassification(config)), make_image_processor(32, 36)
+    labels, _ = classify(model, processor, digit_image(5))
+    shown = gradio.Label().postprocess(labels)
+    assert {confidence.label for confidence in shown.confidences} <= set(names) and shown.label in names
+
+    title = "FFVT: birds <b>$$x^2$$</b> & *co* #"
+    demo = build_demo(model, processor, title=title)
+    (markdown,) = [block for block in demo.blocks.values() if isinstance(block, gradio.Markdown)]
+    assert rendered_text(markdown.value).startswith(title + "\n")
+    assert markdown.latex_delimiters == []
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,16 @@
 """ffvt-evaluate's accuracies and confused pairs, against a hand count over a folder of digits."""
 
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import digits_of, run_python, save_tiny_model, write_digits
+from conftest import digits_of, pipeline_scores, run_python, save_tiny_model, write_digits
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
 
@@ -85,10 +87,38 @@ def test_accuracies_and_confusions_match_a_hand_count(model_folder, digits_folde
     # The same numbers through a datasets folder, and as a table.
     main(["--model", str(folder), "--dataset_name", str(digits_folder), "--split", "test", "--confusions", "2"])
     table = capsys.readouterr().out
+    assert f"data: {digits_folder} (test split, 20 images)" in table
     assert f"top-1 accuracy           {report['accuracy']:.4f}" in table
     assert f"mean per-class accuracy  {report['mean_per_class_accuracy']:.4f}" in table
     pairs = [f"  {pair['true']} -> {pair['predicted']}: {pair['count']}" for pair in report["most_confused"][:2]]
     assert table.splitlines()[-3:] == ["most confused (true -> predicted: images)", *pairs]
+
+
+def test_scores_are_pipelines_on_jpegs_of_every_size(model_folder, photos, tmp_path, capsys):
+    """Accuracies and every mistake's probability (in the report's metrics.json) from pipeline("image-classification")
+    image by image, on JPEGs that Pillow's draft would decode at reduced size."""
+    _, folder = model_folder
+    files = []
+    for name in ("3", "9"):  # the same photos in two classes: each is a mistake in one of them at least
+        (tmp_path / "data" / name).mkdir(parents=True)
+        files += [shutil.copy(photo, tmp_path / "data" / name / photo.name) for photo in photos]
+    report = run_json(capsys, ["--model", str(folder), "--data_dir", str(tmp_path / "data"), "--report",
+                               str(tmp_path / "report")])
+    files = sorted(files)  # the data set's order: by class, then by file name
+    scores = pipeline_scores(folder, files)
+    ranked = [sorted(image_scores, key=image_scores.get, reverse=True) for image_scores in scores]
+    true = [Path(file).parent.name for file in files]
+    hits = [ranking[0] == label for ranking, label in zip(ranked, true)]
+    assert report["accuracy"] == np.mean(hits)
+    assert report["top5_accuracy"] == np.mean([label in ranking[:5] for ranking, label in zip(ranked, true)])
+    assert report["mean_per_class_accuracy"] == pytest.approx(np.mean([np.mean(hits[:4]), np.mean(hits[4:])]))
+    mistakes = json.loads((tmp_path / "report" / "metrics.json").read_text())["mistakes"]
+    expected = [(str(file), label, ranking[0], image_scores[ranking[0]])
+                for file, label, ranking, image_scores, hit in zip(files, true, ranked, scores, hits) if not hit]
+    assert len(mistakes) == len(expected) >= 4
+    for mistake, (file, label, predicted, probability) in zip(mistakes, expected):
+        assert (mistake["file"], mistake["true"], mistake["predicted"]) == (file, label, predicted)
+        assert mistake["probability"] == pytest.approx(probability, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -122,7 +152,17 @@ def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "broken" / "0" / "good.png")
     (tmp_path / "broken" / "1" / "bad.png").write_text("not a PNG")
     # Listed before evaluating, with the reason.
-    expected = (r"^1 unreadable image in the all split of .*broken:\n  .*bad.png "
-                r"\(UnidentifiedImageError: cannot identify image file .*\)\nFix or remove them")
+    expected = (r"^1 unreadable image in .*broken:\n  .*bad.png "
+                r"\(UnidentifiedImageError: cannot identify image file .*\)\nFix or remove it: an accuracy without it "
+                r"would not be the folder's.$")
     with pytest.raises(SystemExit, match=expected):
         main(["--model", str(folder), "--data_dir", str(tmp_path / "broken")])
+
+
+def test_a_folder_without_splits_is_called_a_folder_and_one_image_one_image(model_folder, tmp_path, capsys):
+    _, folder = model_folder
+    write_digits(tmp_path / "data" / "3", [3])
+    main(["--model", str(folder), "--data_dir", str(tmp_path / "data")])
+    assert f"data: {tmp_path / 'data'} (1 image)\n" in capsys.readouterr().out
+    report = run_json(capsys, ["--model", str(folder), "--dataset_name", str(tmp_path / "data")])
+    assert report["split"] is None and report["num_images"] == 1

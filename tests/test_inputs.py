@@ -171,7 +171,7 @@ def test_evaluate_reads_class_folders_named_like_splits(model_folder, tmp_path, 
             write_digits(tmp_path / split / name, digits_of(position, count, skip))
     (tmp_path / "validation" / "car" / ".DS_Store").write_bytes(HIDDEN[".DS_Store"])
     report, err = evaluate(capsys, model_folder, "--data_dir", tmp_path / "validation")
-    assert report["num_images"] == 6 and report["split"] == "all"
+    assert report["num_images"] == 6 and report["split"] is None  # a folder evaluated whole
     assert f"Skipped 1 hidden or system entry in {tmp_path / 'validation'}" in err
     whole, _ = evaluate(capsys, model_folder, "--data_dir", tmp_path)  # SPLIT/CLASS: the validation split
     assert whole["split"] == "validation" and whole["num_images"] == 6

@@ -1,5 +1,9 @@
 """The model card train_hf.py writes, read back by the Hub's own parser of model-card metadata."""
 
+import ast
+import shlex
+
+import pytest
 from huggingface_hub import ModelCard
 
 from modeling_ffvt.model_card import METRICS, write_model_card
@@ -31,3 +35,35 @@ def test_model_index_reads_back_to_the_card_numbers(tmp_path):
     assert card.data.model_name == "user/ffvt-cub"
     assert "`ffvt-demo --model user/ffvt-cub`" in card.text
     assert "`ffvt-demo --model user/ffvt-cub --write_space space`" in card.text
+
+
+def test_names_are_written_literally(tmp_path):
+    """A run folder, data set and start path with Markdown, HTML and maths characters: the rendered card shows them as
+    they are, and its snippets run with them (the id as one Python string, one shell word)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    repo_id, dataset = "run <3> & $5 `x` *y* #", "birds_of_<b>$1 | $2</b> & 'é' \"q\""
+    start = "runs/$HOME/*best*|[x](y)"
+    write_model_card(
+        tmp_path, repo_id=repo_id, dataset=dataset, dataset_id=None, base_model=None, num_classes=3,
+        hyperparameters={"start": start}, best=BEST, evaluated="test",
+    )
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.model_name == repo_id and card.data.eval_results[0].dataset_name == dataset
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(card.text)
+    shown = [rendered(token) for token in tokens if token.type == "inline"]
+    assert shown[0] == repo_id  # the heading
+    assert any(f"classes of {dataset}," in text for text in shown)
+    assert start in shown  # its cell of the training table
+    code = [token.content for token in tokens if token.type == "fence"][0]
+    (call,) = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call) and node.keywords]
+    assert ast.literal_eval(call.keywords[0].value) == repo_id
+    spans = [child.content for token in tokens if token.type == "inline" for child in token.children
+             if child.type == "code_inline" and child.content.startswith("ffvt-demo")]
+    assert [shlex.split(span) for span in spans] == [["ffvt-demo", "--model", repo_id],
+                                                     ["ffvt-demo", "--model", repo_id, "--write_space", "space"]]
+
+
+def rendered(inline) -> str:
+    """The text an inline token shows: its children's text, code and softbreaks, without markup."""
+    return "".join(child.content if child.type in ("text", "code_inline") else " " if child.type == "softbreak"
+                   else "" for child in inline.children)

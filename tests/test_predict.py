@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import digit_image, randomized, save_tiny_model, tiny_config
+from conftest import digit_image, pipeline_scores, randomized, save_tiny_model, tiny_config
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.predict import main, selection_map_paths
@@ -56,6 +56,23 @@ def test_json_probabilities_are_the_models_softmax(saved_model, images, capsys):
         assert [p["id"] for p in result["predictions"]] == top.indices.tolist()
         assert [p["label"] for p in result["predictions"]] == [LABELS[i] for i in top.indices.tolist()]
         np.testing.assert_allclose([p["probability"] for p in result["predictions"]], top.values, atol=1e-6)
+
+
+def test_probabilities_are_pipelines_on_jpegs_of_every_size(saved_model, photos, capsys):
+    """What pipeline("image-classification") gives on the whole image, also for JPEGs that Pillow's draft would
+    decode at an eighth, a quarter or a half of their size; --reduced_decoding trades that for speed on those."""
+    _, folder = saved_model
+    main([*map(str, photos), "--model", str(folder), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    expected = pipeline_scores(folder, photos)
+    for result, scores in zip(results, expected, strict=True):
+        assert {p["label"]: p["probability"] for p in result["predictions"]} == pytest.approx(scores, abs=1e-5)
+
+    main([*map(str, photos), "--model", str(folder), "--json", "--reduced_decoding"])
+    reduced = json.loads(capsys.readouterr().out)
+    moved = [max(abs(p["probability"] - scores[p["label"]]) for p in result["predictions"])
+             for result, scores in zip(reduced, expected, strict=True)]
+    assert min(moved[:3]) > 1e-4 and moved[3] < 1e-5, moved
 
 
 def test_table(saved_model, images, capsys):

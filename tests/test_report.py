@@ -3,17 +3,21 @@
 import json
 import re
 from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from conftest import digits_of, randomized, run_python, save_tiny_model, tiny_config, write_digits
-from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt import FFVTForImageClassification, report
 from modeling_ffvt.evaluate_cli import main
 from modeling_ffvt.image_processor import make_image_processor
-from modeling_ffvt.report import score_images, write_report
+from modeling_ffvt.report import ReportFolderError, score_images, write_report
 from test_evaluate_cli import DATA_CLASSES, MODEL_CLASSES
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -164,14 +168,173 @@ def test_a_large_set_pictures_only_its_worst_pairs(tmp_path):
     rankings = [[(reference + index % 2) % 200, 0, 1, 2, 3] for index, reference in enumerate(references)]
     scores = {"accuracy": 0.5, "top5_accuracy": 1.0, "mean_per_class_accuracy": 0.5}
     write_report(tmp_path / "report", summary={"model": "m"}, scores=scores, references=references,
-                 rankings=rankings, model=model, processor=make_image_processor(32, 36), split=split,
-                 image_column="image")
+                 rankings=rankings, probabilities=[[0.5, 0.2, 0.1, 0.1, 0.1]] * 400, model=model,
+                 processor=make_image_processor(32, 36), split=split, image_column="image")
 
     assert sum(seen) == 10
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert len(metrics["confusion"]) == 200 and {pair["count"] for pair in metrics["confusion"]} == {1}
     assert metrics["confusion"][0] == {"true": names[0], "predicted": names[1], "count": 1}
+    assert len(metrics["mistakes"]) == 200 and metrics["mistakes"][0] == {
+        "file": str(path), "true": names[0], "predicted": names[1], "probability": 0.5}
     assert set(metrics["per_class_accuracy"].values()) == {0.5} and len(metrics["per_class_images"]) == 200
     assert len(list((tmp_path / "report").glob("confused_pair_*.png"))) == 5
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("<tr><td>species_") == 30 + 20  # the worst classes' table and the confused pairs' table
+
+
+@pytest.fixture
+def drawn_texts(monkeypatch):
+    """Every text of every figure the report saves, as (string, whether matplotlib parses it as mathtext), by file."""
+    texts = {}
+    save = Figure.savefig
+
+    def recording_save(figure, path, *args, **kwargs):
+        save(figure, path, *args, **kwargs)  # first: tick labels exist once drawn
+        found = figure.findobj(lambda artist: hasattr(artist, "_preprocess_math") and artist.get_text())
+        texts[Path(path).name] = [(text.get_text(), text._preprocess_math(text.get_text())[1]) for text in found]
+
+    monkeypatch.setattr(Figure, "savefig", recording_save)
+    return texts
+
+
+class TableCells(HTMLParser):
+    """The text of every <td> of a page, as a browser shows it (entities decoded)."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.cells, self.inside = [], False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "td":
+            self.inside = True
+            self.cells.append("")
+        elif self.inside:
+            self.cells[-1] += f"<{tag}>"  # markup inside a cell: a name that was not escaped
+
+    def handle_endtag(self, tag):
+        self.inside = self.inside and tag != "td"
+
+    def handle_data(self, data):
+        if self.inside:
+            self.cells[-1] += data
+
+
+def test_class_names_are_drawn_and_written_literally(tmp_path, drawn_texts):
+    """'$1' and '$5' in one text would be mathtext ('Ba$$in' does not even parse); '<i>', '&' and quotes would be
+    markup in HTML. Figures, report.html and metrics.json show every name as it is."""
+    names = ["$1", "$5", "Ba$$in", "<i>a & \"b\" 'é'"]
+    save_tiny_model(tmp_path / "model", names, seed=3)
+    for index, name in enumerate(names):
+        write_digits(tmp_path / "data" / name, digits_of(index, 3))
+    main(["--model", str(tmp_path / "model"), "--data_dir", str(tmp_path / "data"), "--report", str(tmp_path / "out")])
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert sorted(metrics["per_class_accuracy"]) == sorted(names)
+    assert metrics["mistakes"] and all(pair["true"] in names for pair in metrics["confusion"])
+    assert sorted(drawn_texts) == sorted(path.name for path in (tmp_path / "out").glob("*.png"))
+    as_math = [text for texts in drawn_texts.values() for text, math in texts if math]
+    assert as_math == []
+    per_class = [text for text, _ in drawn_texts["per_class_accuracy.png"]]
+    assert all(name in per_class for name in names)  # the worst classes' tick labels, one per name
+    cells = TableCells((tmp_path / "out" / "report.html").read_text(encoding="utf-8")).cells
+    assert all(name in cells for name in names)
+    shown = [cell for cell in cells if "<" in cell or "$" in cell or "&" in cell]
+    assert set(shown) <= set(names) | {mistake["file"] for mistake in metrics["mistakes"]}
+
+
+@pytest.fixture
+def hand_made_run(tmp_path):
+    """write_report's arguments for five images of classes a, b, c: two files right (rows 0 and 4), and three mistakes
+    with their probabilities: a file (row 1), an embedded image stored as x.jpg (row 2), and one stored without a name
+    (row 3). The model has two layers, so one layer picks tokens."""
+    paths = write_digits(tmp_path / "images", [0, 1, 4])
+    encoded = paths[0].read_bytes()
+    entries = [{"bytes": None, "path": str(paths[0])}, {"bytes": None, "path": str(paths[1])},
+               {"bytes": encoded, "path": "x.jpg"}, {"bytes": encoded, "path": None},
+               {"bytes": None, "path": str(paths[2])}]
+    split = datasets.Dataset.from_dict({"image": entries}, features=datasets.Features(
+        {"image": datasets.Image(decode=False)}))
+    classes = {0: "a", 1: "b", 2: "c"}
+    model = randomized(FFVTForImageClassification(tiny_config(num_hidden_layers=2, num_labels=3, id2label=classes)))
+    return dict(
+        summary={"model": "m", "data": "d", "split": None}, split=split, image_column="image", model=model,
+        processor=make_image_processor(32, 36), references=[0, 0, 1, 1, 2],
+        rankings=[[0, 1, 2], [1, 0, 2], [0, 1, 2], [0, 2, 1], [2, 0, 1]],
+        probabilities=[[0.9, 0.1, 0.0], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1], [0.55, 0.4, 0.05], [0.8, 0.1, 0.1]],
+        scores={"accuracy": 0.4, "top5_accuracy": 1.0, "mean_per_class_accuracy": 0.5},
+    ), paths
+
+
+def test_mistakes_are_named_by_file_or_row(hand_made_run, tmp_path, drawn_texts):
+    run, paths = hand_made_run
+    write_report(tmp_path / "out", **run)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mistakes"] == [
+        {"file": str(paths[1]), "true": "a", "predicted": "b", "probability": 0.6},
+        {"file": "row 2 (x.jpg)", "true": "b", "predicted": "a", "probability": 0.7},
+        {"file": "row 3", "true": "b", "predicted": "a", "probability": 0.55},
+    ]
+    assert "split" in metrics and metrics["split"] is None  # a folder without splits
+    # The pictures: b taken for a twice (rows 2 and 3, then the right image of a), a for b once (then b's first).
+    titles = {name: [text for text, _ in texts] for name, texts in drawn_texts.items()}
+    assert "b taken for a: 2 images" in titles["confused_pair_1.png"]
+    assert "a taken for b: 1 image" in titles["confused_pair_2.png"]
+    assert [title.split("\n")[0] for title in titles["confused_pair_1.png"] if "\n" in title] == [
+        "row 2 (x.jpg)", "row 3", paths[0].name]
+    assert [title.split("\n")[0] for title in titles["confused_pair_2.png"] if "\n" in title] == [
+        paths[1].name, "row 2 (x.jpg)"]
+    assert "MAWS picks (of 1 layer)" in titles["confused_pair_1.png"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    cells = TableCells(page).cells
+    row = cells.index("row 2 (x.jpg)")
+    assert cells[row : row + 4] == ["row 2 (x.jpg)", "b", "a", "0.700"]
+    assert "<th>split</th><td>none: the folder is evaluated whole</td>" in page
+    assert "<h2>The 3 most confident mistakes</h2>" in page
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 7])
+def test_the_class_rank_axis_has_whole_ticks(num_classes):
+    names = [f"class {index}" for index in range(num_classes)]
+    figure = report._per_class_figure(dict(zip(names, np.linspace(0, 1, num_classes))), dict.fromkeys(names, 4))
+    curve = figure.axes[0]
+    low, high = curve.get_xlim()
+    ticks = [tick for tick in curve.xaxis.get_majorticklocs() if low <= tick <= high]
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_a_report_that_fails_leaves_no_folder_and_none_is_overwritten(hand_made_run, tmp_path, monkeypatch):
+    run, _ = hand_made_run
+    out, before = tmp_path / "out", sorted(tmp_path.iterdir())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failed half-way")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "_per_class_figure", fail)  # after metrics.json
+        with pytest.raises(RuntimeError, match="failed half-way"):
+            write_report(out, **run)
+        assert sorted(tmp_path.iterdir()) == before  # no OUT, and no hidden partial folder
+        out.mkdir()  # an empty folder given as OUT stays as it was
+        with pytest.raises(RuntimeError, match="failed half-way"):
+            write_report(out, **run)
+        assert sorted(tmp_path.iterdir()) == sorted([*before, out]) and not any(out.iterdir())
+
+    page = report._html
+    right = {**run, "rankings": [[true, 0] for true in run["references"]]}  # no pairs to picture: quicker
+
+    def others_write(*args):  # something else fills OUT while the report is written
+        (out / "theirs.txt").write_text("theirs")
+        return page(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "_html", others_write)
+        with pytest.raises(ReportFolderError, match=f"--report {re.escape(str(out))} was made or filled by something "
+                                                    "else while the report was written; the report is in ") as error:
+            write_report(out, **right)
+    assert [path.name for path in out.iterdir()] == ["theirs.txt"]
+    finished = Path(str(error.value).split("the report is in ")[1].split(": move it")[0])
+    assert finished.parent == tmp_path and (finished / "report.html").is_file()
+    with pytest.raises(ReportFolderError, match="already holds files"):
+        write_report(out, **right)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import DeiTImageProcessor
 
 from conftest import digit_image, randomized, tiny_config
@@ -147,3 +147,14 @@ def test_selection_map_of_a_digit_in_another_mode():
     assert picture.mode == "RGB" and np.array_equal(np.asarray(picture), np.asarray(rgb_picture))
     torch.testing.assert_close(outputs.logits, rgb_outputs.logits, rtol=0, atol=0)
     assert all(map(torch.equal, outputs.selected_token_indices, rgb_outputs.selected_token_indices))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_titles_count_layers_in_the_singular_and_plural(monkeypatch, num_layers):
+    drawn = []
+    original = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append(text) or original(
+        self, xy, text, *a, **k))
+    draw_selection_map(Image.new("RGB", (8, 8), FILL), [[1, 2]] * num_layers, (2, 2))
+    layers = "1 layer" if num_layers == 1 else f"{num_layers} layers"
+    assert f"picks in {layers}" in drawn and layers in drawn  # the heat map's title and its colour scale
