@@ -96,7 +96,7 @@ def write_model_card(
     demo, space = (_code_span(f"ffvt-demo --model {shlex.quote(repo_id)}{flags}")
                    for flags in ("", " --write_space space"))
     results_on = (f"the {markdown_text(evaluated)} split" if held_out is None
-                  else f"{held_out:.0%} of train, held out from training")
+                  else f"the validation split ({held_out:.0%} of train, held out from training)")
     scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in METRICS)
     selection_map_section = ""
     if Path(output_dir, SELECTION_MAP_FILE).exists():

@@ -287,9 +287,10 @@ def test_the_split_evaluated_in_training(tmp_path, splits, evaluated):
     assert prepared.evaluated == (evaluated if evaluated != "15%" else "15% of train, held out")
 
 
-@pytest.mark.parametrize("evaluated, held_out, prose", [("test", None, "On the test split, at step 7"),
-                                                        ("15% of train, held out", 0.15,
-                                                         "On 15% of train, held out from training, at step 7")])
+@pytest.mark.parametrize("evaluated, held_out, prose", [
+    ("test", None, "On the test split, at step 7"),
+    ("15% of train, held out", 0.15, "On the validation split (15% of train, held out from training), at step 7"),
+])
 def test_the_card_names_the_split_evaluated_and_loads_with_the_same_numbers(tmp_path, evaluated, held_out, prose):
     best = {"eval_accuracy": 0.81234, "eval_top5_accuracy": 0.95, "eval_mean_per_class_accuracy": 0.8, "eval_loss": 0.7,
             "step": 7}
