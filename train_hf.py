@@ -99,6 +99,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Fine-tune FFVT on an image classification data set.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", help="A data set on the Hub, or a local folder load_dataset can read.")
+    data.add_argument(
+        "--dataset_config_name", help="The subset (configuration) of --dataset_name, for data sets that have several."
+    )
     data.add_argument("--train_dir", help="A folder of class subfolders of training images.")
     data.add_argument("--validation_dir", help="A folder of class subfolders of validation images.")
     data.add_argument(
@@ -188,6 +191,8 @@ def parse_args(argv=None):
         args.validation_dir = os.path.join(args.demo_data_dir, "validation")
     if args.dataset_name is None and args.train_dir is None:
         parser.error("Give the data: --dataset_name, --train_dir (with --validation_dir) or --demo.")
+    if args.dataset_config_name is not None and args.dataset_name is None:
+        parser.error("--dataset_config_name chooses a subset of --dataset_name: give --dataset_name too.")
     if args.model_name_or_path and args.vit_npz:
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
@@ -366,7 +371,7 @@ def prepare_data(args) -> PreparedSplits:
         dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
         image_column=args.image_column_name, label_column=args.label_column_name, train_val_split=args.train_val_split,
         split=args.eval_split, seed=args.seed, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
+        max_eval_samples=args.max_eval_samples, dataset_config_name=args.dataset_config_name,
     )
     for note in data.notes:
         logger.warning(note)

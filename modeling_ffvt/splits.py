@@ -15,6 +15,7 @@ from accelerate.utils import broadcast_object_list
 
 from .data import find_unreadable_images
 from .inputs import (
+    CLASS_LAYOUT,
     ImageFolder,
     InputError,
     empty_folders_note,
@@ -64,20 +65,21 @@ class PreparedSplits:
 
 def read_data(
     *, dataset_name=None, train_dir=None, validation_dir=None, data_dir=None, image_column="image",
-    label_column="label", default_split="train",
+    label_column="label", default_split="train", dataset_config_name=None,
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """(the data as a DatasetDict, notes for the user) from exactly one of `dataset_name` (a Hub data set or a local
-    folder), `data_dir` (an image folder) or `train_dir` with an optional `validation_dir` (FOLDER/CLASS/files
-    each, one set of classes for both)."""
+    folder; `dataset_config_name` chooses its subset), `data_dir` (an image folder) or `train_dir` with an optional
+    `validation_dir` (FOLDER/CLASS/files each, one set of classes for both)."""
     if dataset_name is not None or data_dir is not None:
         flag, name = ("--dataset_name", dataset_name) if dataset_name is not None else ("--data_dir", data_dir)
-        return load_data(name, flag, image_column, label_column, default_split, images_only=data_dir is not None)
+        return load_data(name, flag, image_column, label_column, default_split, images_only=data_dir is not None,
+                         config_name=dataset_config_name)
     splits, skipped, empty = {}, 0, []
     folders = (("train", "--train_dir", train_dir), ("validation", "--validation_dir", validation_dir))
     for split, flag, folder in folders:
         if folder is None:
             continue
-        found = read_image_folder(folder, flag, default_split=split)
+        found = read_image_folder(folder, flag, default_split=split, layouts=CLASS_LAYOUT)
         if list(found.splits) != [split]:
             raise InputError(
                 f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
@@ -141,7 +143,7 @@ def prepare_splits(
     *, dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
     data_dir: str | None = None, image_column: str = "image", label_column: str = "label", training: bool = True,
     split: str | None = None, train_val_split: float = 0.15, seed: int = 42, max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
+    max_eval_samples: int | None = None, dataset_config_name: str | None = None,
 ) -> PreparedSplits:
     """Read the data (see `read_data`) and choose, check and trim its splits for training or evaluation.
 
@@ -157,6 +159,7 @@ def prepare_splits(
     dataset, notes = read_data(
         dataset_name=dataset_name, train_dir=train_dir, validation_dir=validation_dir, data_dir=data_dir,
         image_column=image_column, label_column=label_column, default_split="train" if training else "all",
+        dataset_config_name=dataset_config_name,
     )
     if training and "train" not in dataset:
         raise InputError(f"The data set has no train split, only {list(dataset)}.")
