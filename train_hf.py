@@ -819,15 +819,33 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
     )
 
 
-def next_steps(output_dir, validation_image, validation_dir):
-    """What to try with the saved model: its card, the predict command on a validation image, evaluation."""
+def evaluation_data_flags(args, plan: Plan) -> str | None:
+    """ffvt-evaluate's flags for the data this run evaluated on, or None when it held a part of train out (which no
+    flag names)."""
+    if plan.held_out is not None:
+        return None
+    if args.dataset_name is None:
+        return f"--data_dir {shlex.quote(str(args.validation_dir))}"
+    flags = [("--dataset_name", args.dataset_name), ("--dataset_config_name", args.dataset_config_name),
+             ("--split", plan.evaluated), ("--image_column_name", args.image_column_name),
+             ("--label_column_name", args.label_column_name)]
+    defaults = {"--image_column_name": "image", "--label_column_name": "label"}
+    return " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags
+                    if value is not None and value != defaults.get(flag))
+
+
+def next_steps(output_dir, validation_image, data_flags):
+    """What to try with the saved model: its card, the predict command on a validation image, evaluation on the data
+    `data_flags` (ffvt-evaluate's flags, `evaluation_data_flags`) name, or on other images."""
     image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
     model = shlex.quote(str(output_dir))
+    evaluation = (f"or evaluate it on the data it was evaluated on:\n  ffvt-evaluate --model {model} {data_flags}"
+                  if data_flags else "or evaluate it on labelled images it was not trained on (it was evaluated on "
+                  f"a part of train held out):\n  ffvt-evaluate --model {model} --data_dir FOLDER_OF_CLASS_FOLDERS")
     return (
         f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
         f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
-        f"--selection_map picks.png\nor evaluate it on labelled images:\n  ffvt-evaluate --model {model} "
-        f"--data_dir {shlex.quote(str(validation_dir)) if validation_dir else 'DATA'}"
+        f"--selection_map picks.png\n{evaluation}"
     )
 
 
@@ -837,7 +855,7 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
     write_results_and_card(args, accelerator, config, progress.best, train_metrics, plan)
     best = progress.best
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
-    print(next_steps(args.output_dir, validation_image.get("path"), args.validation_dir))
+    print(next_steps(args.output_dir, validation_image.get("path"), evaluation_data_flags(args, plan)))
     if args.push_to_hub:
         push_to_hub(args)
 
@@ -900,12 +918,12 @@ def main(argv=None):
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_access(args)
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     with accelerator.main_process_first():
         if args.demo:
             make_digits_folder(args.demo_data_dir)
         data = prepare_data(args)
+    os.makedirs(args.output_dir, exist_ok=True)  # after the data's checks, so that a refusal leaves no folder
     splits = data.splits
     # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
     # size otherwise, which rejects whatever a reduced decode would.
