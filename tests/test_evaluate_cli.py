@@ -126,3 +126,19 @@ def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path):
                 r"\(UnidentifiedImageError: cannot identify image file .*\)\nFix or remove them")
     with pytest.raises(SystemExit, match=expected):
         main(["--model", str(folder), "--data_dir", str(tmp_path / "broken")])
+
+
+def test_dataset_config_name_chooses_the_subset_evaluated(tmp_path, capsys):
+    from test_splits import NAMES, SUBSETS, write_subsets
+
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    save_tiny_model(tmp_path / "model", NAMES)
+    with pytest.raises(SystemExit, match=r"has 2 subsets and no default one: choose one with --dataset_config_name "
+                                         r"\(fine, coarse\)\.$"):
+        main(["--model", str(tmp_path / "model"), "--dataset_name", data])
+    for subset, splits in SUBSETS.items():
+        report = run_json(capsys, ["--model", str(tmp_path / "model"), "--dataset_name", data,
+                                   "--dataset_config_name", subset])
+        assert report["split"] == "test" and report["num_images"] == len(splits["test"])
+    with pytest.raises(SystemExit, match="--dataset_config_name medium: .* has no such subset. Its subsets are fine"):
+        main(["--model", str(tmp_path / "model"), "--dataset_name", data, "--dataset_config_name", "medium"])
