@@ -604,12 +604,14 @@ def _read_image_folder_data(name, flag, image_column, label_column, default_spli
 
 def _split_files(folder: str, tables: list[Path]) -> dict[str, list[str]]:
     """{split: tables} of the tables, split by their names and folders as `load_dataset(folder)` splits files
-    (train.csv, test-00000.parquet, validation/x.jsonl; others are train)."""
+    (train.csv, test-00000.parquet, validation/x.jsonl); a table no split name matches is train, as there."""
     patterns = get_data_patterns(folder)
     found = DataFilesDict.from_patterns(patterns, base_path=folder, allowed_extensions=sorted(TABLE_EXTENSIONS))
-    wanted = {os.path.realpath(table) for table in tables}
-    return {str(split): kept for split, files in found.items()
-            if (kept := [file for file in files if os.path.realpath(file) in wanted])}
+    split_of = {os.path.realpath(file): str(split) for split, files in found.items() for file in files}
+    splits = {}
+    for table in tables:
+        splits.setdefault(split_of.get(os.path.realpath(table), "train"), []).append(os.path.abspath(table))
+    return splits
 
 
 def _from_folder(part: datasets.Dataset, column: str, folder: str) -> datasets.Dataset:

@@ -3,6 +3,7 @@ named alike, metadata tables beside class folders, the split the card names, emp
 
 import io
 import json
+import os
 import shutil
 
 import datasets
@@ -479,20 +480,22 @@ def write_table(path, rows, table_format):
 
 @pytest.mark.parametrize("table_format, paths", [("csv", "absolute"), ("csv", "relative"), ("jsonl", "relative"),
                                                  ("parquet", "absolute")])
-def test_a_table_beside_the_images_it_names_is_the_data(tmp_path, table_format, paths):
+def test_a_table_beside_the_images_it_names_is_the_data(tmp_path, monkeypatch, table_format, paths):
     root = tmp_path / "seabirds"
     names = ["gull", "tern", "skua"]
     images = write_digits(root / "photos", list(range(9)))
     shown = [str(path) if paths == "absolute" else str(path.relative_to(root)) for path in images]
     write_table(root / "train", [(shown[row], names[row % 3]) for row in range(6)], table_format)
     write_table(root / "test", [(shown[row], names[row % 3]) for row in range(6, 9)], table_format)
-    dataset, notes = load_data(str(root), "--dataset_name", "image", "label", "train")
+    monkeypatch.chdir(tmp_path)
+    name = "seabirds" if paths == "relative" else str(root)  # a relative --dataset_name, and paths relative to it
+    dataset, notes = load_data(name, "--dataset_name", "image", "label", "train")
     assert sorted(dataset) == ["test", "train"]
     assert dataset["train"]["label"] == [names[row % 3] for row in range(6)]
-    assert [str(path) for path in dataset["test"]["image"]] == [str(path) for path in images[6:]]
-    assert notes == [f"Read {root} as the data set of its tables (test.{table_format}, train.{table_format}), "
+    assert [os.path.abspath(path) for path in dataset["test"]["image"]] == [str(path) for path in images[6:]]
+    assert notes == [f"Read {name} as the data set of its tables (test.{table_format}, train.{table_format}), "
                      "which name its images, not as class folders."]
-    prepared = prepare_splits(dataset_name=str(root), training=False)
+    prepared = prepare_splits(dataset_name=name, training=False)
     assert prepared.evaluated == "test" and prepared.splits["validation"]["label"] == ["gull", "tern", "skua"]
 
 
