@@ -776,7 +776,8 @@ def data_set_title(args):
     if args.demo:
         return "scikit-learn digits"
     if args.dataset_name:
-        return args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
+        title = args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
+        return title if args.dataset_config_name is None else f"{title} ({args.dataset_config_name})"
     return Path(args.train_dir).absolute().parent.name  # CUB for CUB/train
 
 

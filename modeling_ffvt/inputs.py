@@ -576,11 +576,12 @@ def load_data(
             datasets.enable_progress_bars()
     if not tables.naming_images:
         return dataset, []
-    note = (f"Read {name} as the data set of its tables ({', '.join(path.name for path in tables.naming_images[:5])}),"
-            " which name its images" + (", not as class folders." if tables.has_images else "."))
+    shown = ", ".join(path.name for path in tables.naming_images[:5])
+    # Beside image folders, say why the folders were not read.
+    notes = [f"Read {name} as the data set of its tables ({shown}), which name its images, not as class folders."]
     return datasets.DatasetDict(
         {split: _from_folder(part, image_column, name) for split, part in dataset.items()}
-    ), [note]
+    ), notes if tables.has_images else []
 
 
 def _read_image_folder_data(name, flag, image_column, label_column, default_split, other_tables):
