@@ -310,11 +310,19 @@ def test_broken_exif_is_read_as_orientation_1_not_as_unreadable(tmp_path, case):
     assert find_unreadable_images([path, {"bytes": encoded, "path": "broken"}]) == []
 
 
-def test_a_broken_exif_block_is_named_in_a_warning(tmp_path):
-    path = tmp_path / "broken.png"
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, exif=b"not-a-tiff-header-garbage")
+def test_a_broken_exif_block_is_named_in_a_warning_and_predict_reads_the_pixels(model_folder, tmp_path, capsys):
+    from modeling_ffvt.predict import main as predict_main
+
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    pixels.save(tmp_path / "broken.png", exif=b"not-a-tiff-header-garbage")
+    pixels.save(tmp_path / "clean.png")
     with pytest.warns(UserWarning, match="broken.png: its EXIF block cannot be read"):
-        load_rgb(path)
+        load_rgb(tmp_path / "broken.png")
+    predictions = []
+    for name in ("broken.png", "clean.png"):
+        predict_main([str(tmp_path / name), "--model", str(model_folder), "--json"])
+        predictions.append(json.loads(capsys.readouterr().out)[0]["predictions"])
+    assert predictions[0] == predictions[1]
 
 
 def test_exif_orientation_of_a_phone_jpeg_reaches_predict(model_folder, tmp_path, capsys):
