@@ -100,6 +100,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Fine-tune FFVT on an image classification data set.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", help="A data set on the Hub, or a local folder load_dataset can read.")
+    data.add_argument(
+        "--dataset_config_name", help="The subset (configuration) of --dataset_name, for data sets that have several."
+    )
     data.add_argument("--train_dir", help="A folder of class subfolders of training images.")
     data.add_argument("--validation_dir", help="A folder of class subfolders of validation images.")
     data.add_argument(
@@ -197,6 +200,8 @@ def parse_args(argv=None):
         args.validation_dir = os.path.join(args.demo_data_dir, "validation")
     if args.dataset_name is None and args.train_dir is None:
         parser.error("Give the data: --dataset_name, --train_dir (with --validation_dir) or --demo.")
+    if args.dataset_config_name is not None and args.dataset_name is None:
+        parser.error("--dataset_config_name chooses a subset of --dataset_name: give --dataset_name too.")
     if args.model_name_or_path and args.vit_npz:
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
@@ -416,7 +421,7 @@ def prepare_data(args) -> PreparedSplits:
         dataset_name=args.dataset_name, train_dir=args.train_dir, validation_dir=args.validation_dir,
         image_column=args.image_column_name, label_column=args.label_column_name, train_val_split=args.train_val_split,
         split=args.eval_split, seed=args.seed, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
+        max_eval_samples=args.max_eval_samples, dataset_config_name=args.dataset_config_name,
     )
     for note in data.notes:
         logger.warning(note)
@@ -851,7 +856,8 @@ def data_set_title(args):
     if args.demo:
         return "scikit-learn digits"
     if args.dataset_name:
-        return args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
+        title = args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
+        return title if args.dataset_config_name is None else f"{title} ({args.dataset_config_name})"
     return Path(args.train_dir).absolute().parent.name  # CUB for CUB/train
 
 
@@ -896,15 +902,33 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
     )
 
 
-def next_steps(output_dir, validation_image, validation_dir):
-    """What to try with the saved model: its card, the predict command on a validation image, evaluation."""
+def evaluation_data_flags(args, plan: Plan) -> str | None:
+    """ffvt-evaluate's flags for the data this run evaluated on, or None when it held a part of train out (which no
+    flag names)."""
+    if plan.held_out is not None:
+        return None
+    if args.dataset_name is None:
+        return f"--data_dir {shlex.quote(str(args.validation_dir))}"
+    flags = [("--dataset_name", args.dataset_name), ("--dataset_config_name", args.dataset_config_name),
+             ("--split", plan.evaluated), ("--image_column_name", args.image_column_name),
+             ("--label_column_name", args.label_column_name)]
+    defaults = {"--image_column_name": "image", "--label_column_name": "label"}
+    return " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags
+                    if value is not None and value != defaults.get(flag))
+
+
+def next_steps(output_dir, validation_image, data_flags):
+    """What to try with the saved model: its card, the predict command on a validation image, evaluation on the data
+    `data_flags` (ffvt-evaluate's flags, `evaluation_data_flags`) name, or on other images."""
     image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
     model = shlex.quote(str(output_dir))
+    evaluation = (f"or evaluate it on the data it was evaluated on:\n  ffvt-evaluate --model {model} {data_flags}"
+                  if data_flags else "or evaluate it on labelled images it was not trained on (it was evaluated on "
+                  f"a part of train held out):\n  ffvt-evaluate --model {model} --data_dir FOLDER_OF_CLASS_FOLDERS")
     return (
         f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
         f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
-        f"--selection_map picks.png\nor evaluate it on labelled images:\n  ffvt-evaluate --model {model} "
-        f"--data_dir {shlex.quote(str(validation_dir)) if validation_dir else 'DATA'}"
+        f"--selection_map picks.png\n{evaluation}"
     )
 
 
@@ -914,7 +938,7 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
     write_results_and_card(args, accelerator, config, progress.best, train_metrics, plan)
     best = progress.best
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
-    print(next_steps(args.output_dir, validation_image.get("path"), args.validation_dir))
+    print(next_steps(args.output_dir, validation_image.get("path"), evaluation_data_flags(args, plan)))
     if args.push_to_hub:
         push_to_hub(args)
 
@@ -977,9 +1001,9 @@ def main(argv=None):
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_access(args)
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     data, names = load_data(args, accelerator)
+    os.makedirs(args.output_dir, exist_ok=True)  # after the data's checks, so that a refusal leaves no folder
     splits = data.splits
     model = load_model(args, names, data.labels)
     check_labels(data.labels, model.config.num_labels)

@@ -10,11 +10,12 @@ import functools
 import io
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -57,8 +58,10 @@ def load_rgb(path_or_image, target_size=None):
     Alpha is dropped, not composited: the colour under transparent pixels is kept, as the original's
     `.convert("RGB")` does (palette images with transparency go through RGBA first). 16-bit grey is scaled by its
     bit depth (divided by 257) rather than clipped; see `_grey_to_8bit` for 32-bit and float images. The EXIF
-    orientation tag is applied (`PIL.ImageOps.exif_transpose`), as `pipeline`, transformers' `load_image` and
-    `datasets` do, so that the model sees the image upright as a viewer shows it; the original ignores it.
+    orientation tag is applied, as `pipeline`, transformers' `load_image` and `datasets` do, so that the model sees
+    the image upright as a viewer shows it; the original ignores it. An EXIF block that cannot be parsed, or an
+    orientation other than 1 to 8, is read as orientation 1 (the pixels as stored) with a warning naming the image:
+    the pixels decode, so the image is not unreadable.
 
     Raises:
         UnreadableImageError (a `ValueError`): naming the file, for missing, empty, truncated or unidentifiable
@@ -69,7 +72,7 @@ def load_rgb(path_or_image, target_size=None):
         source = getattr(path_or_image, "filename", "") or "<in-memory image>"
         try:
             path_or_image.load()
-            return _to_rgb(_upright(path_or_image))
+            return _to_rgb(_upright(path_or_image, source))
         except Exception as error:  # as for files, below
             raise UnreadableImageError(source, _reason(error)) from error
     source, file, size = _encoded_image(path_or_image)
@@ -78,7 +81,7 @@ def load_rgb(path_or_image, target_size=None):
     try:
         with _without_pillow_pixel_limit(), Image.open(file) as image:
             if target_size is not None:
-                image.draft(None, _stored_size(image, target_size))  # a no-op but for JPEG
+                image.draft(None, _stored_size(image, target_size, source))  # a no-op but for JPEG
             if image.width * image.height > MAX_DECODED_PIXELS:
                 megapixels = image.width * image.height / 1e6
                 raise UnreadableImageError(
@@ -88,7 +91,7 @@ def load_rgb(path_or_image, target_size=None):
                     "(modeling_ffvt.data.MAX_DECODED_PIXELS, to bound memory): save it smaller",
                 )
             image.load()  # decoding now is what reveals a truncated file
-            return _to_rgb(_upright(image))
+            return _to_rgb(_upright(image, source))
     except UnreadableImageError:
         raise
     # Whatever Pillow raises here is about this file: truncation is an OSError, unknown formats an
@@ -102,11 +105,11 @@ def _reason(error):
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _stored_size(image, target_size):
+def _stored_size(image, target_size, source):
     """`target_size` (width, height) of the upright image, turned as the file stores it (EXIF orientations 5 to 8
     swap the axes)."""
     width, height = target_size
-    return (height, width) if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _orientation(image, source) in (5, 6, 7, 8) else (width, height)
 
 
 _pixel_limit_lock = threading.Lock()
@@ -159,11 +162,51 @@ def _encoded_image(path_or_entry):
     return path, path, os.path.getsize(path) if os.path.isfile(path) else None
 
 
-def _upright(image):
-    """The image turned as its EXIF orientation says (phones store pixels as the sensor saw them and tag the turn)."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+# The turn that shows the stored pixels upright, for each EXIF orientation (EXIF 2.32, tag 0x0112).
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Where Pillow keeps EXIF and XMP blocks, which may repeat the orientation.
+_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _orientation(image, source):
+    """The image's EXIF orientation, 1 to 8; 1, with a warning naming `source`, for an EXIF block Pillow cannot
+    parse (PNG eXIf chunks and JPEG APP1 blocks that are not TIFF, truncated IFDs) or a value outside 1 to 8: the
+    pixels are then shown as stored, as browsers show them."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    # Pillow raises SyntaxError for a block that is not TIFF, struct.error for a truncated one, and others.
+    except Exception as error:
+        warnings.warn(f"{source}: its EXIF block cannot be read ({_reason(error)}), so it is read as orientation 1 "
+                      "(the pixels as stored)")
+        return 1
+    if orientation == 1:
+        return 1
+    if not isinstance(orientation, int) or orientation not in _TURNS:
+        warnings.warn(f"{source}: EXIF orientation {orientation!r} is not one of 1 to 8, so it is read as 1 (the "
+                      "pixels as stored)")
+        return 1
+    return orientation
+
+
+def _upright(image, source):
+    """The image turned as its EXIF orientation says (phones store pixels as the sensor saw them and tag the turn).
+    Not `PIL.ImageOps.exif_transpose`, which fails on EXIF blocks it cannot write back (a tag of the wrong type
+    beside a valid orientation): the turned image keeps no EXIF or XMP block, so nothing turns it twice."""
+    orientation = _orientation(image, source)
+    if orientation == 1:
         return image
-    return ImageOps.exif_transpose(image)
+    turned = image.transpose(_TURNS[orientation])
+    for key in _ORIENTATION_KEYS:
+        turned.info.pop(key, None)
+    return turned
 
 
 def _to_rgb(image):

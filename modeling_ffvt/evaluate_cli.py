@@ -43,6 +43,9 @@ def parse_args(argv=None):
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data_dir", help="An image folder: SPLIT/CLASS/image files, or CLASS/image files.")
     data.add_argument("--dataset_name", help="A data set on the Hub, or a local folder load_dataset reads.")
+    parser.add_argument(
+        "--dataset_config_name", help="The subset (configuration) of --dataset_name, for data sets that have several."
+    )
     parser.add_argument("--split", help="The split to evaluate (default: test, else validation, else the only one).")
     parser.add_argument("--image_column_name", default="image")
     parser.add_argument("--label_column_name", default="label")
@@ -52,7 +55,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--report", metavar="OUT", help="Also write metrics.json, pictures and report.html into OUT, a new folder."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dataset_config_name is not None and args.dataset_name is None:
+        parser.error("--dataset_config_name chooses a subset of --dataset_name: give --dataset_name, not --data_dir.")
+    return args
 
 
 def load_split(args) -> tuple[datasets.Dataset, str | None]:
@@ -61,6 +67,7 @@ def load_split(args) -> tuple[datasets.Dataset, str | None]:
     data = prepare_splits(
         dataset_name=args.dataset_name, data_dir=args.data_dir, image_column=args.image_column_name,
         label_column=args.label_column_name, training=False, split=args.split,
+        dataset_config_name=args.dataset_config_name,
     )
     for note in data.notes:
         print(note, file=sys.stderr)

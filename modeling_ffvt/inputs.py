@@ -17,6 +17,8 @@ from pathlib import Path
 
 import datasets
 import transformers
+from datasets.data_files import DataFilesDict, get_data_patterns
+from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForImageClassification, PreTrainedConfig
 
@@ -42,7 +44,8 @@ _SPLIT_OF_NAME = {alias: split for split, aliases in SPLIT_NAMES.items() for ali
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"})
 # The tables datasets' image folder builder reads beside images: a file_name column and any others.
 METADATA_NAMES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
-LAYOUTS = "FOLDER/CLASS/image files, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
+CLASS_LAYOUT = "FOLDER/CLASS/image files"
+LAYOUTS = f"{CLASS_LAYOUT}, or FOLDER/SPLIT/CLASS/image files with SPLIT one of train, validation, test"
 
 
 class InputError(ValueError):
@@ -171,15 +174,15 @@ def _scan_shallow(folder: Path) -> _Shallow:
     )
 
 
-def _classes_in(folder: Path, flag: str) -> tuple[list[str], list[str], int, list[Path]]:
+def _classes_in(folder: Path, flag: str, layouts: str = LAYOUTS) -> tuple[list[str], list[str], int, list[Path]]:
     """(paths, class names, skipped, class folders without images) of FOLDER/CLASS/... trees: the class is the first
-    folder below `folder`."""
+    folder below `folder`; `layouts`, what a refusal suggests."""
     paths, labels, skipped, empty = [], [], 0, []
     top = _scan_shallow(folder)
     if top.images:
         raise InputError(
             f"{flag} {folder} has images directly inside it ({_some(top.images)}): put them in one folder per class, "
-            f"as in {LAYOUTS}."
+            f"as in {layouts}."
         )
     skipped += top.skipped
     for class_folder in top.folders:
@@ -206,7 +209,9 @@ def _some(paths: list[Path], count: int = 3) -> str:
     return names + (f" and {len(paths) - count} more" if len(paths) > count else "")
 
 
-def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str = "train") -> ImageFolder:
+def read_image_folder(
+    folder: str | os.PathLike, flag: str, default_split: str = "train", layouts: str = LAYOUTS
+) -> ImageFolder:
     """Read an image folder whose layout is decided by its shape, not by its names alone.
 
     - FOLDER/CLASS/files: every visible subfolder holds image files itself; it is a class, whatever its name
@@ -217,21 +222,22 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
     Images below a class folder, at any depth, belong to that class. Hidden and system entries are skipped
     (`is_hidden`). Raises InputError, naming `flag` and the folder, for a missing or empty folder, images outside
     class folders, subfolders of both kinds, split-like folders that could equally be classes of unlabelled splits,
-    non-split names in a SPLIT layout, and two folders for one split.
+    non-split names in a SPLIT layout, and two folders for one split. Refusals suggest `layouts`: the flag's callers
+    that take one split alone (--train_dir) give CLASS_LAYOUT.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise InputError(f"{flag} {root} is not a folder: give a folder laid out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} is not a folder: give a folder laid out as {layouts}.")
     top = _scan_shallow(root)
     if not top.folders:
         found = f"only images ({_some(top.images)})" if top.images else "no images"
-        raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds {found} and no class folders: lay it out as {layouts}.")
     shallow = {sub: _scan_shallow(sub) for sub in top.folders}
     # An empty folder is neither a class nor a split: leave it out, and say so (a class would be missing).
     empty = [sub for sub in top.folders if not (shallow[sub].images or _has_images(sub))]
     top.folders = [sub for sub in top.folders if sub not in empty]
     if not top.folders:
-        raise InputError(f"{flag} {root} holds no images: lay it out as {LAYOUTS}.")
+        raise InputError(f"{flag} {root} holds no images: lay it out as {layouts}.")
     holds_images = {sub: bool(shallow[sub].images) for sub in top.folders}
     split_named = {sub: sub.name.lower() in _SPLIT_OF_NAME for sub in top.folders}
     if all(holds_images.values()):
@@ -240,22 +246,22 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
                 f"{flag} {root}: its folders ({', '.join(sub.name for sub in top.folders)}) are named like splits but "
                 "hold images directly, so they could be classes or unlabelled splits. Put each split's images in "
                 f"class folders ({root}/{top.folders[0].name}/CLASS/image), or give classes other names. Layouts read: "
-                f"{LAYOUTS}."
+                f"{layouts}."
             )
-        paths, labels, skipped, empty_classes = _classes_in(root, flag)
+        paths, labels, skipped, empty_classes = _classes_in(root, flag, layouts)
         return ImageFolder({default_split: (paths, labels)}, skipped, empty_classes)  # `empty` among them
     if any(holds_images.values()):
         with_images = [sub.name for sub, has in holds_images.items() if has]
         without = [sub.name for sub, has in holds_images.items() if not has]
         raise InputError(
             f"{flag} {root} mixes class folders that hold images ({', '.join(with_images[:5])}) with folders that "
-            f"hold only folders ({', '.join(without[:5])}). Lay it out as {LAYOUTS}."
+            f"hold only folders ({', '.join(without[:5])}). Lay it out as {layouts}."
         )
     not_splits = [sub.name for sub, named in split_named.items() if not named]
     if not_splits:
         raise InputError(
             f"{flag} {root}: its folders hold folders, as splits of class folders do, but {', '.join(not_splits[:5])} "
-            f"{'is not a split name' if len(not_splits) == 1 else 'are not split names'}. Lay it out as {LAYOUTS}, "
+            f"{'is not a split name' if len(not_splits) == 1 else 'are not split names'}. Lay it out as {layouts}, "
             f"or point {flag} at a folder of class folders."
         )
     splits, skipped = {}, top.skipped
@@ -263,26 +269,72 @@ def read_image_folder(folder: str | os.PathLike, flag: str, default_split: str =
         split = _SPLIT_OF_NAME[sub.name.lower()]
         if split in splits:
             raise InputError(f"{flag} {root} has two folders for the {split} split: keep one (or merge them).")
-        paths, labels, sub_skipped, empty_classes = _classes_in(sub, flag)
+        paths, labels, sub_skipped, empty_classes = _classes_in(sub, flag, layouts)
         splits[split] = (paths, labels)
         skipped += sub_skipped
         empty += empty_classes
     return ImageFolder(splits, skipped, empty)
 
 
-def is_table_folder(folder: str | os.PathLike) -> bool:
-    """Whether a local folder is a data set of tables for `load_dataset(folder)` (CSV, JSON, Parquet, ... files whose
-    rows locate images kept elsewhere) rather than an image folder for `read_image_folder`: it holds tables and no
-    images. Tables beside images (a metadata.csv of bounding boxes, as many FGVC sets ship) leave it an image folder,
-    whose labels come from its class folders (or from `metadata_labels`)."""
-    tables = False
-    for top, folders, files in os.walk(folder):
-        folders[:] = [name for name in folders if not is_hidden(name)]
-        visible = [Path(name) for name in files if not is_hidden(name)]
-        if any(is_image_file(path) for path in visible):
+@dataclass
+class FolderTables:
+    """The tables below a local folder (TABLE_EXTENSIONS outside hidden folders, datasets' metadata files left out):
+    those that name images (`names_images`) and the others; and whether the folder holds image files itself."""
+
+    naming_images: list[Path] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+    has_images: bool = False
+
+
+def _looks_like_image(value) -> bool:
+    """An image file name, or an image embedded as datasets stores it ({"bytes": ..., "path": ...})."""
+    if isinstance(value, dict):
+        return value.get("bytes") is not None or _looks_like_image(value.get("path"))
+    return isinstance(value, str) and Path(value).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def names_images(table: Path, rows: int = 20) -> bool:
+    """Whether a table has a column whose values, in its first `rows` rows, all name image files (or hold embedded
+    images). A table pandas cannot read names none."""
+    import pandas
+    import pyarrow.parquet
+
+    suffix = table.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            head = pandas.read_csv(table, nrows=rows, sep="\t" if suffix == ".tsv" else ",")
+        elif suffix == ".jsonl":
+            head = pandas.read_json(table, lines=True, nrows=rows)
+        elif suffix == ".json":
+            head = pandas.read_json(table).head(rows)
+        elif suffix == ".parquet":
+            head = next(pyarrow.parquet.ParquetFile(table).iter_batches(batch_size=rows)).to_pandas()
+        else:  # .arrow files hold datasets' own cache format
             return False
-        tables = tables or any(path.suffix.lower() in TABLE_EXTENSIONS for path in visible)
-    return tables
+    # pandas and pyarrow raise many kinds (ParserError, ArrowInvalid, ValueError, StopIteration for no rows, ...).
+    except Exception:
+        return False
+    return any(len(values := head[column].dropna()) and all(map(_looks_like_image, values)) for column in head)
+
+
+def folder_tables(folder: str | os.PathLike) -> FolderTables:
+    """The tables below `folder`, sorted by what they hold (see FolderTables)."""
+    found = FolderTables()
+    for top, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not is_hidden(name))
+        visible = [Path(top, name) for name in sorted(files) if not is_hidden(name)]
+        found.has_images = found.has_images or any(is_image_file(path) for path in visible)
+        for path in visible:
+            if path.suffix.lower() in TABLE_EXTENSIONS and path.name not in METADATA_NAMES:
+                (found.naming_images if names_images(path) else found.others).append(path)
+    return found
+
+
+def declared_subsets(folder: str | os.PathLike) -> list[str]:
+    """The subsets (configs) a local data set's README.md declares in its YAML header, [] when it declares none."""
+    readme = Path(folder, "README.md")
+    metadata = metadata_load(readme) if readme.is_file() else None
+    return [config.get("config_name", "default") for config in (metadata or {}).get("configs") or []]
 
 
 def _read_table(path: Path):
@@ -518,31 +570,122 @@ def untrained_head_error(model, missing_keys, name: str, flag: str = "--model") 
     )
 
 
-def load_data(name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False):
-    """(DatasetDict, notes for the user) of a local image folder (`read_image_folder`, its columns named
-    `image_column` and `label_column`, its labels from metadata tables that have `label_column`, else from its class
-    folders), or, unless `images_only`, of what `datasets.load_dataset(name)` reads: a Hub data set or a folder of
-    tables. Progress bars stay off for local data, which nothing downloads."""
-    if images_only or (os.path.isdir(name) and not is_table_folder(name)):
-        tables = metadata_labels(name, label_column) if os.path.isdir(name) else {}
-        if tables:
-            folder = read_labelled_tables(name, tables, flag, default_split)
-            notes = [
-                f"Labels of {name} come from the {label_column!r} column of {', '.join(map(str, tables))}, not from "
-                "its folders.",
-                skipped_note(folder.skipped, name),
-            ]
-        else:
-            folder = read_image_folder(name, flag, default_split)
-            notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
-        return folder.to_dataset_dict(image_column, label_column), [note for note in notes if note]
+def load_data(
+    name: str, flag: str, image_column: str, label_column: str, default_split: str, images_only=False,
+    config_name: str | None = None,
+):
+    """(DatasetDict, notes for the user) of the data `name` names, `flag` naming it in messages.
+
+    Which reader a local folder gets (docs/inputs.md, "Tables or folders"):
+    - a README.md that declares subsets (`configs:`), or tables (CSV, TSV, JSON, JSON Lines, Parquet) that name
+      images, even beside image folders: `datasets.load_dataset` reads the tables (`config_name` chooses a subset);
+      relative image paths that do not exist as given are taken from the folder;
+    - otherwise a folder holding images (always with `images_only`, for --data_dir): `read_image_folder`, its
+      columns named `image_column` and `label_column`, its labels from the class folders, or from metadata tables
+      (datasets' metadata.csv) that have `label_column`;
+    - otherwise (tables alone): `load_dataset(name)`, as for a Hub data set.
+    Progress bars stay off for local data, which nothing downloads. Raises InputError for data that cannot be read,
+    a data set with several subsets and no default when `config_name` is None, a subset it does not have, and a
+    `config_name` for an image folder.
+    """
     local = os.path.isdir(name)
+    subsets = declared_subsets(name) if local and not images_only else []
+    tables = folder_tables(name) if local and not (images_only or subsets) else FolderTables()
+    if images_only or (local and not subsets and not tables.naming_images and tables.has_images):
+        if config_name is not None:
+            raise InputError(
+                f"--dataset_config_name {config_name}: {name} is an image folder, which has no subsets (a data set "
+                "has them when its README.md declares configs:): drop the flag."
+            )
+        return _read_image_folder_data(name, flag, image_column, label_column, default_split, tables.others)
+    data_files = _split_files(name, tables.naming_images) if tables.naming_images else None
     if local:
         datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(name), []
+        dataset = datasets.load_dataset(name, config_name, data_files=data_files)
     except (FileNotFoundError, ValueError) as error:  # a missing Hub data set is a FileNotFoundError
-        raise InputError(f"{flag} {name}: cannot load the data set: {error}") from None
+        raise _subset_error(name, flag, config_name) or InputError(
+            f"{flag} {name}: cannot load the data set: {error}"
+        ) from None
     finally:
         if local:
             datasets.enable_progress_bars()
+    if not tables.naming_images:
+        return dataset, []
+    shown = ", ".join(path.name for path in tables.naming_images[:5])
+    # Beside image folders, say why the folders were not read.
+    notes = [f"Read {name} as the data set of its tables ({shown}), which name its images, not as class folders."]
+    return datasets.DatasetDict(
+        {split: _from_folder(part, image_column, name) for split, part in dataset.items()}
+    ), notes if tables.has_images else []
+
+
+def _read_image_folder_data(name, flag, image_column, label_column, default_split, other_tables):
+    """load_data's image folder: labels from metadata tables that have `label_column`, else from class folders."""
+    tables = metadata_labels(name, label_column) if os.path.isdir(name) else {}
+    if tables:
+        folder = read_labelled_tables(name, tables, flag, default_split)
+        notes = [
+            f"Labels of {name} come from the {label_column!r} column of {', '.join(map(str, tables))}, not from "
+            "its folders.",
+            skipped_note(folder.skipped, name),
+        ]
+    else:
+        folder = read_image_folder(name, flag, default_split)
+        notes = [skipped_note(folder.skipped, name), empty_folders_note(folder.empty)]
+    if other_tables:
+        notes.append(f"Read {name} as an image folder: its tables ({', '.join(map(str, other_tables[:5]))}) name no "
+                     "images, so they are not read.")
+    return folder.to_dataset_dict(image_column, label_column), [note for note in notes if note]
+
+
+def _split_files(folder: str, tables: list[Path]) -> dict[str, list[str]]:
+    """{split: tables} of the tables, split by their names and folders as `load_dataset(folder)` splits files
+    (train.csv, test-00000.parquet, validation/x.jsonl); a table no split name matches is train, as there."""
+    patterns = get_data_patterns(folder)
+    found = DataFilesDict.from_patterns(patterns, base_path=folder, allowed_extensions=sorted(TABLE_EXTENSIONS))
+    split_of = {os.path.realpath(file): str(split) for split, files in found.items() for file in files}
+    splits = {}
+    for table in tables:
+        splits.setdefault(split_of.get(os.path.realpath(table), "train"), []).append(os.path.abspath(table))
+    return splits
+
+
+def _from_folder(part: datasets.Dataset, column: str, folder: str) -> datasets.Dataset:
+    """`part` with relative image paths in `column` that do not exist as given taken from `folder` (tables that sit
+    beside their images name them so)."""
+    feature = part.features.get(column)
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        return part
+
+    def beside(path):
+        found = path and not os.path.isabs(path) and not os.path.exists(path) and os.path.join(folder, path)
+        return found if found and os.path.exists(found) else path
+
+    paths = part[column]
+    resolved = [beside(path) for path in paths]
+    if resolved == paths:
+        return part
+    return part.remove_columns(column).add_column(column, resolved, feature=feature)
+
+
+def _subset_error(name: str, flag: str, config_name: str | None) -> InputError | None:
+    """The message for a data set that `load_dataset(name, config_name)` refused over its subsets (several and none
+    chosen, or one it lacks); None when the refusal was about something else."""
+    try:
+        subsets = datasets.get_dataset_config_names(name)
+    except (OSError, ValueError):  # the data set itself cannot be read: the caller's message says why
+        return None
+    if config_name is None and len(subsets) > 1:
+        return InputError(
+            f"{flag} {name} has {len(subsets)} subsets and no default one: choose one with --dataset_config_name "
+            f"({', '.join(subsets)})."
+        )
+    if config_name is not None and subsets == ["default"]:
+        return InputError(f"--dataset_config_name {config_name}: {name} has no subsets: drop the flag.")
+    if config_name is not None and config_name not in subsets:
+        return InputError(
+            f"--dataset_config_name {config_name}: {name} has no such subset. Its subsets are "
+            f"{', '.join(subsets)}."
+        )
+    return None

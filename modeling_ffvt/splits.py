@@ -15,6 +15,7 @@ from accelerate.utils import broadcast_object_list
 
 from .data import find_unreadable_images
 from .inputs import (
+    CLASS_LAYOUT,
     ImageFolder,
     InputError,
     empty_folders_note,
@@ -46,7 +47,8 @@ class PreparedSplits:
     `evaluated` is the evaluated split as the data names it ("test", "validation", ...; a --validation_dir folder
     named like a split gives that split's name) or, when it was held out of train, "15% of train, held out" with
     `held_out` its fraction; `chosen_by` says how it was chosen. `class_names` is set by `encode_labels` (None for
-    integer labels). `notes` are lines for the user.
+    integer labels). `left_out_classes` are the classes of the whole train split that --max_train_samples left no
+    image of (class ids once `encode_labels` ran): the model keeps them. `notes` are lines for the user.
     """
 
     splits: dict[str, datasets.Dataset]
@@ -57,29 +59,31 @@ class PreparedSplits:
     held_out: float | None = None
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    left_out_classes: list = field(default_factory=list)
 
     @property
     def labels(self) -> list:
-        """Every label of every split, in split then row order."""
-        return [label for split in self.splits.values() for label in split[self.label_column]]
+        """Every label of every split, in split then row order, then `left_out_classes`: what a new head must hold."""
+        return [label for split in self.splits.values() for label in split[self.label_column]] + self.left_out_classes
 
 
 def read_data(
     *, dataset_name=None, train_dir=None, validation_dir=None, data_dir=None, image_column="image",
-    label_column="label", default_split="train",
+    label_column="label", default_split="train", dataset_config_name=None,
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """(the data as a DatasetDict, notes for the user) from exactly one of `dataset_name` (a Hub data set or a local
-    folder), `data_dir` (an image folder) or `train_dir` with an optional `validation_dir` (FOLDER/CLASS/files
-    each, one set of classes for both)."""
+    folder; `dataset_config_name` chooses its subset), `data_dir` (an image folder) or `train_dir` with an optional
+    `validation_dir` (FOLDER/CLASS/files each, one set of classes for both)."""
     if dataset_name is not None or data_dir is not None:
         flag, name = ("--dataset_name", dataset_name) if dataset_name is not None else ("--data_dir", data_dir)
-        return load_data(name, flag, image_column, label_column, default_split, images_only=data_dir is not None)
+        return load_data(name, flag, image_column, label_column, default_split, images_only=data_dir is not None,
+                         config_name=dataset_config_name)
     splits, skipped, empty = {}, 0, []
     folders = (("train", "--train_dir", train_dir), ("validation", "--validation_dir", validation_dir))
     for split, flag, folder in folders:
         if folder is None:
             continue
-        found = read_image_folder(folder, flag, default_split=split)
+        found = read_image_folder(folder, flag, default_split=split, layouts=CLASS_LAYOUT)
         if list(found.splits) != [split]:
             raise InputError(
                 f"{flag} {folder} holds splits ({', '.join(found.splits)}), not class folders: point {flag} at "
@@ -99,6 +103,18 @@ def _labelled(dataset, split: str, column: str) -> bool:
     """Whether a split has at least one labelled row (a missing column is left to the column check)."""
     part = dataset[split]
     return column not in part.column_names or len(unlabelled_rows(part, column)) < len(part)
+
+
+def _classes(part: datasets.Dataset, column: str) -> list:
+    """The distinct labels of a split in row order, ClassLabel indices as their names, unlabelled rows left out."""
+    feature, unlabelled = part.features[column], set(unlabelled_rows(part, column))
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    values = (value for row, value in enumerate(part[column]) if row not in unlabelled)
+    return list(dict.fromkeys(names[value] if names else value for value in values))
+
+
+def _shown(classes: list) -> str:
+    return ", ".join(map(repr, classes[:10])) + (f" and {len(classes) - 10} more" if len(classes) > 10 else "")
 
 
 def _evaluation_split(dataset, name: str, split: str | None, training: bool, column: str, train_val_split: float):
@@ -143,7 +159,7 @@ def prepare_splits(
     *, dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
     data_dir: str | None = None, image_column: str = "image", label_column: str = "label", training: bool = True,
     split: str | None = None, train_val_split: float = 0.15, seed: int = 42, max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
+    max_eval_samples: int | None = None, dataset_config_name: str | None = None,
 ) -> PreparedSplits:
     """Read the data (see `read_data`) and choose, check and trim its splits for training or evaluation.
 
@@ -159,6 +175,7 @@ def prepare_splits(
     dataset, notes = read_data(
         dataset_name=dataset_name, train_dir=train_dir, validation_dir=validation_dir, data_dir=data_dir,
         image_column=image_column, label_column=label_column, default_split="train" if training else WHOLE_FOLDER,
+        dataset_config_name=dataset_config_name,
     )
     if training and "train" not in dataset:
         raise InputError(f"The data set has no train split, only {list(dataset)}.")
@@ -180,6 +197,14 @@ def prepare_splits(
                 splits[key] = part.select([row for row in range(len(part)) if row not in dropped])
                 notes.append(f"Left out {len(rows)} rows of the {'train' if key == 'train' else evaluated} split of "
                              f"{name} that have no label (rows {_rows(rows)}): they are no class to learn or score.")
+        classes = _classes(splits["train"], label_column)
+        if len(classes) < 2:
+            flag = "--dataset_name" if dataset_name else "--data_dir" if data_dir else "--train_dir"
+            raise InputError(
+                f"{flag} {name}: its training images are of one class only ({_shown(classes)}), and a classifier "
+                "needs at least two: add images of other classes (a class folder that holds no images, or hidden "
+                "files only, is no class)."
+            )
     held_out = None
     if evaluated is None:
         parts = splits["train"].train_test_split(test_size=train_val_split, seed=seed)
@@ -187,15 +212,29 @@ def prepare_splits(
         evaluated, held_out = f"{train_val_split:.0%} of train, held out", train_val_split
     elif validation_dir is not None and evaluated == "validation":
         evaluated = split_named(Path(validation_dir).name) or "validation"  # cub/test is a test split
-    for key, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+    left_out = []
+    for key, flag, limit in (("train", "--max_train_samples", max_train_samples),
+                             ("validation", "--max_eval_samples", max_eval_samples)):
         if limit is not None and key in splits:
-            splits[key] = splits[key].shuffle(seed=seed).select(range(min(limit, len(splits[key]))))
+            whole = splits[key]
+            splits[key] = whole.shuffle(seed=seed).select(range(min(limit, len(whole))))
+            kept = set(_classes(splits[key], label_column))
+            missed = [label for label in _classes(whole, label_column) if label not in kept]
+            if missed and key == "train":
+                left_out = missed
+                notes.append(f"{flag} {limit} keeps no training image of {len(missed)} classes of {name} "
+                             f"({_shown(missed)}): the model still has every class of the train split, but learns "
+                             f"nothing of these. Raise {flag} to train on them.")
+            elif missed:
+                notes.append(f"{flag} {limit} keeps no image of {len(missed)} classes of the {evaluated} split "
+                             f"({_shown(missed)}): they are not scored. Raise {flag} to score them.")
     undecoded = datasets.Image(decode=False)
     splits = {key: part.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
               for key, part in splits.items()}
     if training:
         check_disjoint(splits, image_column, {"train": "train", "validation": evaluated})
-    return PreparedSplits(splits, image_column, label_column, evaluated, chosen_by, held_out, notes=notes)
+    return PreparedSplits(splits, image_column, label_column, evaluated, chosen_by, held_out, notes=notes,
+                          left_out_classes=left_out)
 
 
 def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict[str, str]) -> None:
@@ -269,8 +308,9 @@ def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator, ta
 def encode_labels(prepared: PreparedSplits, data: str) -> list[str] | None:
     """Turn class-name labels (strings or a ClassLabel) into class ids, in place, and return the class names (also
     kept as `prepared.class_names`): those of the ClassLabel that train has images of, in their order, or train's
-    sorted distinct strings. Returns None for integer labels, which name no classes. Raises InputError for other
-    label types and for validation names train lacks."""
+    sorted distinct strings, `prepared.left_out_classes` counted as train's (and turned into ids). Returns None for
+    integer labels, which name no classes. Raises InputError for other label types and for validation names train
+    lacks."""
     column, splits = prepared.label_column, prepared.splits
     values = {key: label_values(part, column, f"{data} ({key})") for key, part in splits.items()}
     kinds = {key: label_kind(part.features[column], column, f"{data} ({key})") for key, part in splits.items()}
@@ -283,7 +323,7 @@ def encode_labels(prepared: PreparedSplits, data: str) -> list[str] | None:
             "labels."
         )
     feature = splits["train"].features[column]
-    present = set(values["train"])
+    present = set(values["train"]) | set(prepared.left_out_classes)
     names = ([name for name in feature.names if name in present] if isinstance(feature, datasets.ClassLabel)
              else sorted(present))
     unknown = sorted(set(values["validation"]) - set(names))
@@ -296,6 +336,7 @@ def encode_labels(prepared: PreparedSplits, data: str) -> list[str] | None:
     for key, part in splits.items():
         splits[key] = part.remove_columns(column).add_column(column, [ids[value] for value in values[key]])
     prepared.class_names = names
+    prepared.left_out_classes = [ids[name] for name in prepared.left_out_classes]
     return names
 
 

@@ -166,3 +166,19 @@ def test_a_folder_without_splits_is_called_a_folder_and_one_image_one_image(mode
     assert f"data: {tmp_path / 'data'} (1 image)\n" in capsys.readouterr().out
     report = run_json(capsys, ["--model", str(folder), "--dataset_name", str(tmp_path / "data")])
     assert report["split"] is None and report["num_images"] == 1
+
+
+def test_dataset_config_name_chooses_the_subset_evaluated(tmp_path, capsys):
+    from test_splits import NAMES, SUBSETS, write_subsets
+
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    save_tiny_model(tmp_path / "model", NAMES)
+    with pytest.raises(SystemExit, match=r"has 2 subsets and no default one: choose one with --dataset_config_name "
+                                         r"\(fine, coarse\)\.$"):
+        main(["--model", str(tmp_path / "model"), "--dataset_name", data])
+    for subset, splits in SUBSETS.items():
+        report = run_json(capsys, ["--model", str(tmp_path / "model"), "--dataset_name", data,
+                                   "--dataset_config_name", subset])
+        assert report["split"] == "test" and report["num_images"] == len(splits["test"])
+    with pytest.raises(SystemExit, match="--dataset_config_name medium: .* has no such subset. Its subsets are fine"):
+        main(["--model", str(tmp_path / "model"), "--dataset_name", data, "--dataset_config_name", "medium"])

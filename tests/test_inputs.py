@@ -1,8 +1,10 @@
 """What users hand our commands: folder layouts, hidden files, label columns, phone photos, model names."""
 
 import csv
+import io
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 from transformers.image_utils import load_image
 
 from conftest import REPOSITORY, digit_image, digits_of, run_python, save_tiny_model, write_digits
-from modeling_ffvt.data import load_rgb
+from modeling_ffvt.data import find_unreadable_images, load_rgb
 from modeling_ffvt.evaluate_cli import main as evaluate_main
 from modeling_ffvt.inputs import InputError, check_model_name, is_hidden, read_image_folder, scan_images
 from modeling_ffvt.predict import find_images
@@ -248,6 +250,79 @@ def test_exif_orientation_is_applied_as_viewers_and_pipeline_do(tmp_path, orient
     assert np.array_equal(upright, np.asarray(load_image(str(path))))  # what pipeline() sees
     with Image.open(path) as opened:
         assert np.array_equal(np.asarray(load_rgb(opened)), upright)  # an opened PIL image too
+
+
+def tiff_block(*entries) -> bytes:
+    """A big-endian TIFF header and one IFD of (tag, type, count, value bytes) entries, as EXIF blocks hold."""
+    start = 8 + 2 + 12 * len(entries) + 4
+    directory, data = b"", b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            directory += struct.pack(">HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            directory += struct.pack(">HHII", tag, kind, count, start + len(data))
+            data += value
+    return b"MM\0*" + struct.pack(">IH", 8, len(entries)) + directory + b"\0\0\0\0" + data
+
+
+def with_jpeg_app1(jpeg: bytes, payload: bytes) -> bytes:
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+SHORT, RATIONAL = 3, 5
+# (EXIF block, orientation a viewer applies): blocks Pillow cannot parse or values outside 1..8 show the stored pixels.
+BROKEN_EXIF = {
+    "png eXIf not TIFF": ("png", b"not-a-tiff-header-garbage", 1),
+    "png eXIf truncated TIFF header": ("png", b"MM\0*\0\0", 1),
+    "png orientation 9": ("png", tiff_block((0x0112, SHORT, 1, struct.pack(">H", 9))), 1),
+    "png orientation 0": ("png", tiff_block((0x0112, SHORT, 1, struct.pack(">H", 0))), 1),
+    # a valid turn beside a tag of the wrong type (Make as a rational), which Pillow cannot write back
+    "png orientation 6, bad Make tag": (
+        "png", tiff_block((0x0112, SHORT, 1, struct.pack(">H", 6)), (0x010F, RATIONAL, 1, struct.pack(">II", 1, 2))),
+        6,
+    ),
+    "jpeg APP1 not TIFF": ("jpeg", b"Exif\0\0garbage-garbage", 1),
+    "jpeg APP1 orientation 65535": ("jpeg", b"Exif\0\0" + tiff_block((0x0112, SHORT, 1, b"\xff\xff")), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_EXIF))
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's and ours; the next test checks ours
+def test_broken_exif_is_read_as_orientation_1_not_as_unreadable(tmp_path, case):
+    fmt, block, orientation = BROKEN_EXIF[case]
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(stored).save(buffer, "PNG", exif=block)
+        encoded = buffer.getvalue()
+    else:  # smooth, so that JPEG keeps the pixels within a few levels
+        stored = np.repeat(np.linspace(0, 255, 10, dtype=np.uint8)[None, :, None], 6, 0).repeat(3, 2)
+        Image.fromarray(stored).save(buffer, "JPEG", quality=100)
+        encoded = with_jpeg_app1(buffer.getvalue(), block)
+    path = tmp_path / f"broken.{fmt}"
+    path.write_bytes(encoded)
+    expected = ORIENTED[orientation](stored).astype(int)
+    with Image.open(path) as opened:
+        forms = {"path": path, "datasets entry": {"bytes": encoded, "path": "broken"}, "PIL image": opened}
+        for form, image in forms.items():
+            upright = np.asarray(load_rgb(image, target_size=(5, 5))).astype(int)
+            assert upright.shape == expected.shape and np.abs(upright - expected).max() <= 3, form
+    assert find_unreadable_images([path, {"bytes": encoded, "path": "broken"}]) == []
+
+
+def test_a_broken_exif_block_is_named_in_a_warning_and_predict_reads_the_pixels(model_folder, tmp_path, capsys):
+    from modeling_ffvt.predict import main as predict_main
+
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    pixels.save(tmp_path / "broken.png", exif=b"not-a-tiff-header-garbage")
+    pixels.save(tmp_path / "clean.png")
+    with pytest.warns(UserWarning, match="broken.png: its EXIF block cannot be read"):
+        load_rgb(tmp_path / "broken.png")
+    predictions = []
+    for name in ("broken.png", "clean.png"):
+        predict_main([str(tmp_path / name), "--model", str(model_folder), "--json"])
+        predictions.append(json.loads(capsys.readouterr().out)[0]["predictions"])
+    assert predictions[0] == predictions[1]
 
 
 def test_exif_orientation_of_a_phone_jpeg_reaches_predict(model_folder, tmp_path, capsys):

@@ -3,6 +3,7 @@ named alike, metadata tables beside class folders, the split the card names, emp
 
 import io
 import json
+import os
 import shutil
 
 import datasets
@@ -343,3 +344,173 @@ def test_is_hub_id(tmp_path, monkeypatch):
     assert is_hub_id("google/vit-base-patch16-224") and is_hub_id("someone/cub-200")
     for name in (None, "runs/cub", "mymodel", "a/b/c", "owner/bad name", str(tmp_path / "runs")):
         assert not is_hub_id(name), name
+
+
+# ---- data sets with several subsets (configs: in README.md) ------------------------------------------------------
+
+
+def write_subsets(root, subsets: dict[str, dict[str, list[int]]], default=None):
+    """root/<subset>/<split>.parquet for each subset, declared in root/README.md (`default` marked as the default)."""
+    first, configs = 0, []
+    for subset, splits in subsets.items():
+        for split, labels in splits.items():
+            write_parquet(root / subset / f"{split}.parquet", labels, first=first)
+            first += len(labels)
+        files = "".join(f"  - {{split: {split}, path: {subset}/{split}.parquet}}\n" for split in splits)
+        configs.append(f"- config_name: {subset}\n" + ("  default: true\n" if subset == default else "")
+                       + f"  data_files:\n{files}")
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    return str(root)
+
+
+SUBSETS = {"fine": {"train": [0, 1, 2, 0, 1, 2], "test": [2, 1, 0]}, "coarse": {"train": [0, 1, 0, 1], "test": [1, 0]}}
+
+
+def test_dataset_config_name_chooses_a_subset(tmp_path):
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    for subset, splits in SUBSETS.items():
+        prepared = prepare_splits(dataset_name=data, dataset_config_name=subset)
+        assert prepared.evaluated == "test"
+        assert prepared.splits["train"]["label"] == splits["train"]
+        assert prepared.splits["validation"]["label"] == splits["test"]
+
+
+def test_several_subsets_and_no_default_are_refused_naming_the_flag_and_the_subsets(tmp_path):
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    for training in (True, False):
+        with pytest.raises(InputError) as error:
+            prepare_splits(dataset_name=data, training=training)
+        assert str(error.value) == (f"--dataset_name {data} has 2 subsets and no default one: choose one with "
+                                    "--dataset_config_name (fine, coarse).")
+    with pytest.raises(InputError) as error:
+        prepare_splits(dataset_name=data, dataset_config_name="medium")
+    assert str(error.value) == (f"--dataset_config_name medium: {data} has no such subset. Its subsets are fine, "
+                                "coarse.")
+    # With a default subset, that one is read.
+    data = write_subsets(tmp_path / "with_default", SUBSETS, default="coarse")
+    assert prepare_splits(dataset_name=data).splits["train"]["label"] == SUBSETS["coarse"]["train"]
+
+
+def test_dataset_config_name_is_refused_for_data_without_subsets(tmp_path):
+    class_folders(tmp_path / "folder", 2)
+    with pytest.raises(InputError, match="is an image folder, which has no subsets"):
+        prepare_splits(dataset_name=str(tmp_path / "folder"), dataset_config_name="fine")
+    data = write_hub_data(tmp_path / "hub", {"train": [0, 1, 2], "test": [0, 1, 2]})
+    with pytest.raises(InputError, match=f"--dataset_config_name fine: {data} has no subsets: drop the flag"):
+        prepare_splits(dataset_name=data, dataset_config_name="fine")
+
+
+# ---- --max_train_samples and --max_eval_samples never drop a class --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folders", "classlabel", "integers"])
+def test_max_train_samples_keeps_every_class_of_the_whole_split(tmp_path, kind):
+    if kind == "folders":
+        class_folders(tmp_path / "train", 3)
+        class_folders(tmp_path / "validation", 3)
+        data = dict(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
+        expected = NAMES
+    elif kind == "classlabel":
+        data = dict(dataset_name=write_hub_data(tmp_path, {"train": [0, 1, 2, 0, 1, 2], "validation": [0, 1, 2]}))
+        expected = NAMES
+    else:
+        images = write_digits(tmp_path / "images", list(range(9)))
+        (tmp_path / "ds").mkdir()
+        for split, rows in (("train", range(6)), ("validation", range(6, 9))):
+            lines = "".join(f"{images[row]},{row % 3}\n" for row in rows)
+            (tmp_path / "ds" / f"{split}.csv").write_text("image,label\n" + lines)
+        data, expected = dict(dataset_name=str(tmp_path / "ds")), None
+    prepared = prepare_splits(**data, max_train_samples=1, max_eval_samples=1)
+    assert len(prepared.splits["train"]) == 1 and len(prepared.splits["validation"]) == 1
+    assert encode_labels(prepared, "birds") == expected
+    assert sorted(set(prepared.labels)) == [0, 1, 2]  # what sizes a new head: all three classes
+    train_note, eval_note = [note for note in prepared.notes if "--max_" in note]
+    assert train_note.startswith("--max_train_samples 1 keeps no training image of 2 classes")
+    assert eval_note.startswith("--max_eval_samples 1 keeps no image of 2 classes of the validation split")
+
+
+# ---- fewer than two classes are refused ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["one folder", "hidden files beside", "classlabel of one name", "table of one label"])
+def test_training_data_of_one_class_is_refused_naming_it(tmp_path, kind):
+    if kind in ("one folder", "hidden files beside"):
+        write_digits(tmp_path / "data" / "train" / "owl", [0, 1, 2])
+        write_digits(tmp_path / "data" / "validation" / "owl", [3])
+        if kind == "hidden files beside":
+            (tmp_path / "data" / "train" / "gull").mkdir()
+            (tmp_path / "data" / "train" / "gull" / ".DS_Store").write_bytes(b"\0")
+            (tmp_path / "data" / "train" / "tern" / ".ipynb_checkpoints").mkdir(parents=True)
+        data = dict(train_dir=str(tmp_path / "data" / "train"))
+        message = f"--train_dir {tmp_path / 'data' / 'train'}: its training images are of one class only ('owl')"
+    elif kind == "classlabel of one name":
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["owl"])})
+        for split in ("train", "test"):
+            images = [{"bytes": png_bytes(row + 3 * (split == "test")), "path": None} for row in range(3)]
+            (tmp_path / "hub" / "data").mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict({"image": images, "label": [0, 0, 0]}, features=features).to_parquet(
+                tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+        data = dict(dataset_name=str(tmp_path / "hub"))
+        message = f"--dataset_name {tmp_path / 'hub'}: its training images are of one class only ('owl')"
+    else:
+        images = write_digits(tmp_path / "images", list(range(4)))
+        (tmp_path / "ds").mkdir()
+        (tmp_path / "ds" / "train.csv").write_text("image,label\n" + "".join(f"{path},owl\n" for path in images))
+        data = dict(dataset_name=str(tmp_path / "ds"))
+        message = f"--dataset_name {tmp_path / 'ds'}: its training images are of one class only ('owl')"
+    with pytest.raises(InputError) as error:
+        prepare_splits(**data)
+    assert str(error.value).startswith(message) and "a classifier needs at least two" in str(error.value)
+
+
+# ---- a table that names images is the data, beside image folders too ----------------------------------------------
+
+
+def write_table(path, rows, table_format):
+    """rows of (image, label) as a csv, jsonl or parquet table."""
+    import pandas
+
+    frame = pandas.DataFrame(rows, columns=["image", "label"])
+    if table_format == "csv":
+        frame.to_csv(path.with_suffix(".csv"), index=False)
+    elif table_format == "jsonl":
+        frame.to_json(path.with_suffix(".jsonl"), orient="records", lines=True)
+    else:
+        frame.to_parquet(path.with_suffix(".parquet"))
+
+
+@pytest.mark.parametrize("table_format, paths", [("csv", "absolute"), ("csv", "relative"), ("jsonl", "relative"),
+                                                 ("parquet", "absolute")])
+def test_a_table_beside_the_images_it_names_is_the_data(tmp_path, monkeypatch, table_format, paths):
+    root = tmp_path / "seabirds"
+    names = ["gull", "tern", "skua"]
+    images = write_digits(root / "photos", list(range(9)))
+    shown = [str(path) if paths == "absolute" else str(path.relative_to(root)) for path in images]
+    write_table(root / "train", [(shown[row], names[row % 3]) for row in range(6)], table_format)
+    write_table(root / "test", [(shown[row], names[row % 3]) for row in range(6, 9)], table_format)
+    monkeypatch.chdir(tmp_path)
+    name = "seabirds" if paths == "relative" else str(root)  # a relative --dataset_name, and paths relative to it
+    dataset, notes = load_data(name, "--dataset_name", "image", "label", "train")
+    assert sorted(dataset) == ["test", "train"]
+    assert dataset["train"]["label"] == [names[row % 3] for row in range(6)]
+    assert [os.path.abspath(path) for path in dataset["test"]["image"]] == [str(path) for path in images[6:]]
+    assert notes == [f"Read {name} as the data set of its tables (test.{table_format}, train.{table_format}), "
+                     "which name its images, not as class folders."]
+    prepared = prepare_splits(dataset_name=name, training=False)
+    assert prepared.evaluated == "test" and prepared.splits["validation"]["label"] == ["gull", "tern", "skua"]
+
+
+def test_a_table_that_names_no_images_leaves_an_image_folder_and_is_named(tmp_path):
+    class_folders(tmp_path / "birds" / "train", 2)
+    (tmp_path / "birds" / "classes.csv").write_text("id,name\n0,crow\n1,wren\n")
+    dataset, notes = load_data(str(tmp_path / "birds"), "--dataset_name", "image", "label", "train")
+    assert dataset["train"].features["label"].names == NAMES
+    assert any(f"{tmp_path / 'birds' / 'classes.csv'}) name no images, so they are not read" in note for note in notes)
+
+
+def test_train_dir_refusals_suggest_the_layout_train_dir_reads(tmp_path):
+    for folder in (tmp_path / "nowhere", tmp_path / "flat"):
+        write_digits(tmp_path / "flat", [0])
+        with pytest.raises(InputError) as error:
+            prepare_splits(train_dir=str(folder))
+        assert "FOLDER/CLASS/image files" in str(error.value) and "SPLIT" not in str(error.value)

@@ -7,6 +7,7 @@ Every run is a subprocess, as a user would start it; two processes use the launc
 import argparse
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -23,9 +24,20 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 from conftest import FIXTURES, digits_of, randomized, run_python, tiny_config, write_digits
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.data import FGVCTransform, ProcessorTransform
+from modeling_ffvt.evaluate_cli import load_split
+from modeling_ffvt.evaluate_cli import parse_args as evaluate_args
 from modeling_ffvt.image_processor import make_image_processor
 from modeling_ffvt.inputs import InputError
-from train_hf import DEMO_MODEL, load_model, make_digits_folder
+from train_hf import (
+    DEMO_MODEL,
+    Plan,
+    evaluation_data_flags,
+    load_model,
+    make_digits_folder,
+    next_steps,
+    parse_args,
+    prepare_data,
+)
 from train_hf import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -470,3 +482,49 @@ def test_checkpoints_total_limit_keeps_the_newest_and_the_resumed_one_until_a_ne
     ]
     assert sorted(path.name for path in output_dir.iterdir() if path.is_dir()) == ["step_6"]
     assert (output_dir / "model.safetensors").is_file()  # the best model, apart from the checkpoints
+
+
+# ---- what the data decides before anything is written (in process) -----------------------------------------------
+
+
+def test_one_class_training_is_refused_before_the_output_dir_is_made(environment, tmp_path):
+    write_digits(tmp_path / "train" / "owl", digits_of(0, 3))
+    (tmp_path / "train" / "gull").mkdir()
+    (tmp_path / "train" / "gull" / ".DS_Store").write_bytes(b"\0")
+    output_dir = tmp_path / "out"
+    message = stopped(environment, "--train_dir", tmp_path / "train", "--config_name", SMALL_MODEL,
+                      "--output_dir", output_dir)
+    assert message.startswith(f"--train_dir {tmp_path / 'train'}: its training images are of one class only ('owl')")
+    assert not output_dir.exists()
+
+
+def test_dataset_config_name_reaches_the_data(environment, tmp_path):
+    from test_splits import SUBSETS, write_subsets
+
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    common = ["--dataset_name", data, "--config_name", SMALL_MODEL, "--output_dir", tmp_path / "out"]
+    assert "choose one with --dataset_config_name (fine, coarse)" in stopped(environment, *common)
+    assert "--dataset_config_name medium: " in stopped(environment, *common, "--dataset_config_name", "medium")
+
+
+@pytest.mark.parametrize("subset, eval_split", [("fine", None), ("coarse", "train")])
+def test_the_next_steps_name_an_evaluation_that_works_for_the_run(tmp_path, subset, eval_split):
+    """The ffvt-evaluate command printed after training reads the split the run evaluated, or, when a part of train was
+    held out (which no flag names), asks for other images instead of a placeholder of the wrong kind."""
+    from test_splits import SUBSETS, write_subsets
+
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    args = parse_args(["--dataset_name", data, "--dataset_config_name", subset, "--config_name", SMALL_MODEL,
+                       "--output_dir", str(tmp_path / "out"), *(["--eval_split", eval_split] if eval_split else [])])
+    prepared = prepare_data(args)
+    plan = Plan(36, 1, 1, prepared.evaluated, prepared.held_out, None, {})
+    flags = evaluation_data_flags(args, plan)
+    steps = next_steps(args.output_dir, None, flags)
+    assert "DATA" not in steps.split()
+    if eval_split == "train":
+        assert flags is None and "--data_dir FOLDER_OF_CLASS_FOLDERS" in steps
+        return
+    assert f"ffvt-evaluate --model {args.output_dir} {flags}" in steps
+    split, name = load_split(evaluate_args(["--model", args.output_dir, *shlex.split(flags)]))
+    assert name == prepared.evaluated == "test"
+    assert split["label"] == prepared.splits["validation"]["label"] == SUBSETS[subset]["test"]
