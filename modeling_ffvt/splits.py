@@ -143,13 +143,17 @@ def _evaluation_split(dataset, name: str, split: str | None, training: bool, col
     found = [key for key in present if key in labelled]
     if found:
         return found[0], f"the first labelled one of {', '.join(order)}"
+    if training:
+        # An unlabelled split (a benchmark's hidden test set) is as good as absent: hold out part of train, as for data
+        # without one, and say so.
+        if present:
+            return None, f"no labelled validation or test split (the rows of {', '.join(present)} are all unlabelled)"
+        return None, "no validation or test split in the data"
     if present:
         raise InputError(
             f"The {present[0]} split of {name}, evaluated by default, has no labels (its {len(dataset[present[0]])} "
             f"rows are all unlabelled), so it cannot score a model. {others}."
         )
-    if training:
-        return None, "no validation or test split in the data"
     if len(dataset) == 1:
         return next(iter(dataset)), "the data's only split"
     raise InputError(f"Choose the split to evaluate with --split: {name} has {list(dataset)}.")
@@ -210,6 +214,9 @@ def prepare_splits(
         parts = splits["train"].train_test_split(test_size=train_val_split, seed=seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
         evaluated, held_out = f"{train_val_split:.0%} of train, held out", train_val_split
+        if split is None and "unlabelled" in chosen_by:
+            notes.append(f"Evaluating on {evaluated}: {name} has {chosen_by}. Choose another split with "
+                         "--eval_split, or the fraction with --train_val_split.")
     elif validation_dir is not None and evaluated == "validation":
         evaluated = split_named(Path(validation_dir).name) or "validation"  # cub/test is a test split
     left_out = []

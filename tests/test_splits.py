@@ -68,11 +68,13 @@ def test_training_leaves_unlabelled_rows_out_of_train_and_validation(tmp_path):
 
 def test_an_unlabelled_split_is_never_evaluated(tmp_path):
     data = write_hub_data(tmp_path, {"train": [0, 1, 2, 0, 1, 2, 0], "test": [-1, -1, -1]})
-    with pytest.raises(InputError) as error:  # training: test is the default, and unlabelled
-        prepare_splits(dataset_name=data)
-    message = str(error.value)
-    assert message.startswith(f"The test split of {data}, evaluated by default, has no labels (its 3 rows")
-    assert "--eval_split train" in message and "15%" in message
+    by_default = prepare_splits(dataset_name=data)  # training: an unlabelled test split is as good as none
+    assert by_default.evaluated == "15% of train, held out" and by_default.held_out == 0.15
+    assert sorted([*by_default.splits["train"]["label"], *by_default.splits["validation"]["label"]]) == [0, 0, 0, 1,
+                                                                                                       1, 2, 2]
+    assert by_default.notes == [f"Evaluating on 15% of train, held out: {data} has no labelled validation or test "
+                                "split (the rows of test are all unlabelled). Choose another split with --eval_split, "
+                                "or the fraction with --train_val_split."]
     with pytest.raises(InputError, match="--eval_split test: the test split of .* has no labels"):
         prepare_splits(dataset_name=data, split="test")
     held_out = prepare_splits(dataset_name=data, split="train", train_val_split=0.3)
