@@ -764,7 +764,8 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         them and the final LayerNorm with `feature_fusion=False`), and the fusion layer, its LayerNorm and the zero
         head are fresh. The model is built as `from_pretrained` builds one ([`~loading.build_model`]): no random
         initialisation of what the checkpoint fills, safetensors files memory-mapped, not copied. LayerNorm epsilon
-        stays the original's 1e-6 for ViT whatever a Hub config says; DINOv2 and CLIP keep their own. [`~loading.image_normalization`] gives the mean and std the images should get.
+        stays the original's 1e-6 for ViT whatever a Hub config says; DINOv2 and CLIP keep their own.
+        [`~loading.image_normalization`] gives the mean and std the images should get.
 
         Args:
             pretrained_model_name_or_path (`str`): Hub id or local folder of a backbone, or the path of a `.npz` file.
