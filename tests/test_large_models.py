@@ -184,3 +184,33 @@ def test_models_with_half_precision_frozen_weights_save_in_float32(tmp_path, met
         with safe_open(tmp_path / stored / "model.safetensors", "pt") as saved:
             assert {saved.get_slice(name).get_dtype() for name in saved.keys()} == {stored}
             torch.testing.assert_close(saved.get_tensor(query), expected.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("feature_fusion", [True, False], ids=["fusion", "plain"])
+@pytest.mark.parametrize("positions", ["absolute", "rope"])
+def test_gradient_checkpointing_is_exact(method, feature_fusion, positions):
+    """With dropout off, gradient checkpointing (enabled as train_hf.py enables it, before LoRA or freezing) gives the
+    loss and gradients of the plain backward: recomputed layers pick the same MAWS tokens."""
+    config = tiny_config(num_labels=3, hidden_dropout_prob=0.0, feature_fusion=feature_fusion,
+                         position_embedding_type=positions, num_register_tokens=2 if positions == "rope" else 0)
+    reference = randomized(FFVTForImageClassification(config))
+    checkpointed = copy.deepcopy(reference)
+    # Newer transformers name it activation checkpointing; the old name warns there (as train_hf.py enables it).
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    results = []
+    for model in (reference, checkpointed):
+        torch.manual_seed(0)  # the same LoRA matrices for both
+        model = TrainingMethod(**method).apply(model).train()
+        output = model(pixel_values=pixel_values, labels=torch.tensor([0, 1, 2]))
+        output.loss.backward()
+        gradients = {name: parameter.grad for name, parameter in model.named_parameters() if parameter.requires_grad}
+        assert all(gradient is not None for gradient in gradients.values())
+        results.append((output.loss, output.selected_token_indices, gradients))
+    (loss, picks, gradients), (checkpointed_loss, checkpointed_picks, checkpointed_gradients) = results
+    assert all(layer.gradient_checkpointing for layer in checkpointed.vit.encoder.layer)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=1e-6)
+    if feature_fusion:
+        assert all(map(torch.equal, checkpointed_picks, picks))
+    torch.testing.assert_close(checkpointed_gradients, gradients, rtol=0, atol=1e-6)
