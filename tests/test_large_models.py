@@ -65,13 +65,16 @@ def test_from_backbone_initialises_only_the_fresh_parts(tmp_path, monkeypatch):
 def test_from_backbone_dtype_is_asked_not_stored(tmp_path, stored):
     """float32 by default whatever the checkpoint stores (training wants it); dtype= gives that dtype throughout,
     fresh parts included, with the checkpoint's values."""
-    saved = save_dinov2(tmp_path, stored)
+    saved = save_dinov2(tmp_path, stored, use_swiglu_ffn=True)  # two tensors read from halves of one
     for dtype in (torch.float32, torch.bfloat16):
         kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
         model = FFVTForImageClassification.from_backbone(str(tmp_path), num_labels=3, num_token=2, **kwargs)
         assert {parameter.dtype for parameter in model.parameters()} == {dtype}
         query = model.vit.encoder.layer[1].attention.attention.query.weight
         assert torch.equal(query, saved["encoder.layer.1.attention.attention.query.weight"].to(dtype))
+        gate, up = saved["encoder.layer.1.mlp.weights_in.weight"].to(dtype).chunk(2)
+        mlp = model.vit.encoder.layer[1].intermediate
+        assert torch.equal(mlp.gate.weight, gate) and torch.equal(mlp.dense.weight, up)
         with torch.no_grad():
             logits = model.eval()(torch.randn(2, 3, 32, 32, dtype=dtype)).logits
         assert logits.dtype == dtype and torch.isfinite(logits).all()
