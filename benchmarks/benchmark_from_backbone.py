@@ -4,7 +4,7 @@ transformers' own `Dinov2Model.from_pretrained` of the same folder.
 The script writes random checkpoints of DINOv2-large and DINOv2-giant shape (safetensors, through transformers'
 `save_pretrained` of a `Dinov2Model` built on the meta device and filled with random values, no slow initialisation),
 then times each start in a fresh Python process: the seconds of the call alone and its peak resident memory above the
-imports (`ru_maxrss` after the call minus the resident memory once torch, transformers and modeling_ffvt are
+imports (`VmHWM` after the call minus the resident memory once torch, transformers and modeling_ffvt are
 imported). The target (issue 26): time within 2x transformers', peak memory within 1.2x the model's own bytes in its
 dtype plus 100 MB.
 
@@ -35,6 +35,11 @@ def rss_mb():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
+def high_water_mb():
+    # VmHWM, this process's own peak: ru_maxrss would carry over the parent's peak across fork and exec.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**10
+
 folder, contender, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 before = rss_mb()
 start = time.perf_counter()
@@ -43,7 +48,7 @@ if contender == "dinov2_from_pretrained":
 else:
     model = FFVTForImageClassification.from_backbone(folder, num_labels=200, num_token=12, dtype=dtype)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+peak = high_water_mb()
 assert {parameter.dtype for parameter in model.parameters()} == {dtype}
 size = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()) / 2**20
 print(f"{seconds} {peak - before} {size}")

@@ -138,7 +138,9 @@ optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 
 pixel_values = torch.randn(batch, 3, image_size, image_size)
 model(pixel_values=pixel_values, labels=torch.zeros(batch, dtype=torch.long)).loss.backward()
 optimizer.step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 1e9)
+with open("/proc/self/status") as status:  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+print((peak - before) / 1e9)
 """
 
 
