@@ -7,9 +7,10 @@ Models are built on the meta device from their configurations (no weights are ne
 read from the model itself. Activations are estimated, not measured: per layer and image, in bytes of the 16-bit
 compute of mixed precision, s * (15 h + 4.75 i * (1.5 if the MLP is gated else 1)) for s tokens, width h and MLP width i
 (Korthikanti et al. 2022's 34 s h for i = 4 h, with sdpa or flash attention, which keep no attention matrix), over
-every layer; with gradient checkpointing, each layer's input (2 s h) plus one layer's whole. The fusion layer's few
-tokens and the head are left out. A GPU fits when weights + gradients + optimiser state (FSDP: an eighth, plus two
-whole layers gathered) + 8 images' activations + 2 GB (CUDA context, workspaces, fragmentation) is at most its size.
+every layer; with gradient checkpointing, each layer's input (2 s h) plus one layer's whole; a frozen backbone keeps
+none for its layers, only one layer's while it computes. The fusion layer's few tokens and the head are left out. A
+GPU fits when weights + gradients + optimiser state (FSDP: an eighth, plus two whole layers gathered) + 8 images'
+activations + 2 GB (CUDA context, workspaces, fragmentation) is at most its size.
 
 `--measure` adds, for the sizes given (small enough for a CPU), the peak resident memory of one real training step on
 CPU (fp32 compute, so activations count 4 bytes), each in a fresh process, beside the same estimate in fp32.
@@ -71,13 +72,16 @@ def counts(model: FFVTForImageClassification, method: str) -> dict:
     return {"total": total, "trained": trained, "frozen": total - trained, "layer": layer}
 
 
-def activations_per_image(config: FFVTConfig, checkpointing: bool, bytes_per_value: int = 2) -> float:
-    """Bytes a training step keeps for backward per image (see the module's docstring)."""
+def activations_per_image(config: FFVTConfig, method: str, checkpointing: bool, bytes_per_value: int = 2) -> float:
+    """Bytes a training step keeps for backward per image (see the module's docstring); a frozen backbone keeps none
+    for its layers (nothing before the fusion layer needs a gradient), only one layer's while it computes."""
     grid = config.image_size // config.patch_size
     tokens = 1 + config.num_register_tokens + grid * grid
     h, i = config.hidden_size, config.intermediate_size
     layer = tokens * (15 * h + 4.75 * i * (1.5 if config.use_gated_mlp else 1)) * bytes_per_value / 2
     layers = config.num_hidden_layers - config.feature_fusion
+    if method == "frozen":
+        return layer
     if checkpointing:
         return layers * tokens * h * bytes_per_value + layer
     return layers * layer
@@ -97,11 +101,10 @@ def plan() -> list[dict]:
     rows = []
     for name in MODELS:
         for image_size in IMAGE_SIZES:
-            model = build(name, image_size)
-            config = model.config
-            full_activations = activations_per_image(config, checkpointing=False) * BATCH
-            checkpointed = activations_per_image(config, checkpointing=True) * BATCH
+            config = build(name, image_size).config
             for method in METHODS:
+                full_activations = activations_per_image(config, method, checkpointing=False) * BATCH
+                checkpointed = activations_per_image(config, method, checkpointing=True) * BATCH
                 count = counts(build(name, image_size), method)
                 state = state_bytes(count)
                 half_frozen = state_bytes(count, frozen_bytes=2)
@@ -164,7 +167,7 @@ def main(argv=None):
         for method in METHODS:
             count = counts(build(name, 224), method)
             batch = args.measure_batch
-            estimate = state_bytes(count) + activations_per_image(build(name, 224).config, False, 4) * batch
+            estimate = state_bytes(count) + activations_per_image(build(name, 224).config, method, False, 4) * batch
             measured.append({"model": name, "image_size": 224, "method": method, "batch": batch,
                              "estimate_gb": estimate / GB, "measured_gb": measure(name, 224, method, batch)})
     if args.markdown:
