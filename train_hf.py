@@ -54,7 +54,13 @@ from modeling_ffvt.inputs import (
 )
 from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
-from modeling_ffvt.parameter_efficient import TrainingMethod, is_peft_model, parameter_counts, save_peft_model
+from modeling_ffvt.parameter_efficient import (
+    DTYPES,
+    TrainingMethod,
+    is_peft_model,
+    parameter_counts,
+    save_peft_model,
+)
 from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_images, encode_labels, prepare_splits
 
 logger = get_logger(__name__)
@@ -152,6 +158,14 @@ def parse_args(argv=None):
     efficient.add_argument(
         "--freeze_backbone", action="store_true", help="Train only the fusion layer, final LayerNorm and classifier."
     )
+    efficient.add_argument(
+        "--frozen_weights_dtype", choices=list(DTYPES), default="float32",
+        help="With --lora_rank or --freeze_backbone: hold the weight matrices that do not train in this dtype (what "
+        "trains stays float32).",
+    )
+    efficient.add_argument(
+        "--save_dtype", choices=list(DTYPES), default="float32", help="The dtype of the saved model's weights."
+    )
 
     training = parser.add_argument_group("optimisation")
     training.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -225,7 +239,7 @@ def training_method(args) -> TrainingMethod:
     """Which weights train (all, LoRA adapters, or the fusion layer and head alone), from the flags; ValueError for
     flags that contradict each other."""
     return TrainingMethod(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                          args.freeze_backbone)
+                          args.freeze_backbone, args.frozen_weights_dtype)
 
 
 def check_resumed_method(parser, args, method: TrainingMethod):
@@ -494,8 +508,10 @@ def load_model(args, names, labels):
             f"{args.model_name_or_path} classifies {start.num_labels} classes ({list(start.id2label.values())[:5]}"
             f" ...), not the data's {len(names)} ({names[:5]} ...): its head is replaced by a new one."
         )
+    # Trained weights are float32 whatever the checkpoint stores (transformers 5 would keep a bf16 one in bf16, where
+    # SGD's updates round away); --mixed_precision chooses the compute.
     model = AutoModelForImageClassification.from_pretrained(
-        args.model_name_or_path, **architecture, **head, ignore_mismatched_sizes=new_head
+        args.model_name_or_path, **architecture, **head, ignore_mismatched_sizes=new_head, dtype=torch.float32
     )
     if new_head:
         # A head of the same size would keep weights meant for other classes; FFVT starts every new head at zero.
@@ -708,7 +724,7 @@ def evaluate_and_keep_best(
     ).exists():
         progress.best = results
         save_model(accelerator, model, processor, args.output_dir,
-                   args.model_name_or_path if is_hub_id(args.model_name_or_path) else None)
+                   args.model_name_or_path if is_hub_id(args.model_name_or_path) else None, DTYPES[args.save_dtype])
         if accelerator.is_main_process:
             write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {}, plan)
     model.train()
@@ -835,15 +851,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
-def save_model(accelerator, model, processor, output_dir, start=None):
+def save_model(accelerator, model, processor, output_dir, start=None, dtype=torch.float32):
+    """The model in `dtype` (whatever dtypes training held its weights in) and its processor, in output_dir."""
+    logger.info(f"Saving the model in {str(dtype).removeprefix('torch.')} to {output_dir}")
     if is_peft_model(accelerator.unwrap_model(model)):  # the merged model and, apart, the adapter
-        save_peft_model(accelerator.unwrap_model(model), output_dir, accelerator.is_main_process, start)
+        save_peft_model(accelerator.unwrap_model(model), output_dir, accelerator.is_main_process, start, dtype)
         if accelerator.is_main_process:
             processor.save_pretrained(output_dir)
         return
     state_dict = accelerator.get_state_dict(model)  # gathers the full weights under FSDP
     # Under accelerate's --dynamo_backend the model is compiled, and its state dict names every tensor "_orig_mod.*".
-    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+    state_dict = {key.removeprefix("_orig_mod."): value.to(dtype) for key, value in state_dict.items()}
     with quiet_progress_bars():
         accelerator.unwrap_model(model).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict

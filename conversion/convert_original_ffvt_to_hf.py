@@ -12,7 +12,7 @@ import argparse
 
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
-from modeling_ffvt.loading import config_from_checkpoint, load_checkpoint, read_original_checkpoint
+from modeling_ffvt.loading import build_model, checkpoint_tensors, config_from_checkpoint, read_original_checkpoint
 
 # Heads of the original's model types; the other sizes are read from the checkpoint.
 HEADS_BY_MODEL_TYPE = {"ViT-B_16": 12, "ViT-B_32": 12, "ViT-L_16": 16, "ViT-L_32": 16, "ViT-H_14": 16}
@@ -31,9 +31,9 @@ def convert_original_checkpoint(
     config = config_from_checkpoint(
         checkpoint, num_attention_heads=num_attention_heads, num_token=num_token, image_size=image_size
     )
-    model = FFVTForImageClassification(config)
-    load_checkpoint(model, checkpoint)
-    model.eval()
+    model = build_model(
+        FFVTForImageClassification, config, lambda names: checkpoint_tensors(checkpoint, names), checkpoint.source
+    ).eval()
     if pytorch_dump_folder_path is not None:
         model.save_pretrained(pytorch_dump_folder_path)
         make_image_processor(config.image_size, resize_size).save_pretrained(pytorch_dump_folder_path)

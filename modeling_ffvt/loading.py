@@ -27,8 +27,10 @@ This file ships beside modeling_ffvt.py in saved folders (remote code), so it im
 transformers and its own package's configuration, never the modeling file.
 """
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import zipfile
@@ -53,7 +55,8 @@ from .configuration_ffvt import FFVTConfig
 def read_state_dict(path: str | os.PathLike, expected: str) -> dict[str, torch.Tensor]:
     """
     The tensors of one file, by its suffix: `.safetensors`, `.npz` (arrays only, `allow_pickle=False`), or anything
-    else through `torch.load(weights_only=True)`.
+    else through `torch.load(weights_only=True)`. Safetensors and zip-format torch files are memory-mapped: their
+    tensors are read from the file as they are used, not copied at once.
 
     Raises:
         ValueError: the file cannot be read so, or is not a flat dict of tensors; the message names the file and
@@ -72,7 +75,8 @@ def read_state_dict(path: str | os.PathLike, expected: str) -> dict[str, torch.T
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{path} is not a readable safetensors file ({error}): expected {expected}.") from error
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped, as from_pretrained reads them, when in torch.save's zip format (all but the oldest files).
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises several types for corrupt files and refused pickles
         raise ValueError(
             f"{path} could not be read as a PyTorch state dict of plain tensors ({type(error).__name__}): "
@@ -737,57 +741,130 @@ def config_from_checkpoint(checkpoint: Checkpoint, **config_kwargs) -> FFVTConfi
 _BACKBONE_PREFIXES = ("vit.embeddings.", "vit.encoder.layer.", "vit.layernorm.")
 
 
-@torch.no_grad()
-def load_backbone(model: torch.nn.Module, checkpoint: Checkpoint):
+def backbone_tensors(checkpoint: Checkpoint, config: FFVTConfig, names) -> dict[str, torch.Tensor]:
     """
-    Copies a backbone into `model`, an `FFVTForImageClassification`, as the original's `load_from` does: the
-    embeddings, the layers before the fusion layer (all of them without feature fusion) and, without feature fusion,
-    the final LayerNorm. The fusion layer, its LayerNorm and the head keep their initialisation; the rest of the
-    checkpoint (a pooler, a head, DINOv2's mask token, CLIP's text tower, the last layer with feature fusion) is not
-    read.
+    The tensors FFVT takes from a backbone, under FFVT's names, as the original's `load_from` takes them: of `names`
+    (an FFVT state dict's), the embeddings, the layers before the fusion layer (all of them without feature fusion)
+    and, without feature fusion, the final LayerNorm. The fusion layer, its LayerNorm and the head are left to their
+    initialisation; the rest of the checkpoint (a pooler, a head, DINOv2's mask token, CLIP's text tower, the last
+    layer with feature fusion) is not read.
 
-    The position embeddings are stored resized to the model's patch grid, once, the checkpoint family's way
+    The position embeddings are resized to `config.grid_size`, once, the checkpoint family's way
     (`family.resize_positions`): the original's for ViT, and for DINOv2 and CLIP what the backbone itself computes
     with `interpolate_pos_encoding=True` at `config.image_size`, so that FFVT at that size sees the very embeddings
-    the backbone would.
+    the backbone would. The other tensors are the checkpoint's own (memory-mapped from safetensors, not copied).
 
     Raises:
-        ValueError: a tensor is missing from the checkpoint or does not fit the model's configuration.
+        ValueError: a tensor is missing from the checkpoint.
     """
-    tensors = {name: checkpoint[name] for name in model.state_dict() if name.startswith(_BACKBONE_PREFIXES)}
+    tensors = {name: checkpoint[name] for name in names if name.startswith(_BACKBONE_PREFIXES)}
     positions = "vit.embeddings.position_embeddings"
     if positions in tensors:  # rotary models have none
-        tensors[positions] = checkpoint.family.resize_positions(tensors[positions], model.config.grid_size)
-    _copy_into(model, tensors, checkpoint.source)
+        tensors[positions] = checkpoint.family.resize_positions(tensors[positions], config.grid_size)
+    return tensors
 
 
-@torch.no_grad()
-def load_checkpoint(model: torch.nn.Module, checkpoint: Checkpoint):
+def checkpoint_tensors(checkpoint: Checkpoint, names) -> dict[str, torch.Tensor]:
     """
-    Copies every tensor of `model`, an `FFVTForImageClassification`, from `checkpoint`, a whole FFVT's weights.
+    Every tensor of `names` (an FFVT state dict's) from `checkpoint`, a whole FFVT's weights.
 
     Raises:
-        ValueError: a tensor is missing or does not fit the model's configuration, or the checkpoint holds tensors
-            the model has no place for.
+        ValueError: a tensor is missing, or the checkpoint holds tensors FFVT has no place for.
     """
-    _copy_into(model, {name: checkpoint[name] for name in model.state_dict()}, checkpoint.source)
+    tensors = {name: checkpoint[name] for name in names}
     if unread := checkpoint.unread():
         raise ValueError(
             f"{checkpoint.source} holds tensors this FFVT has no place for, e.g. {unread[:5]}: expected "
             f"{checkpoint.family.description}."
         )
+    return tensors
 
 
-def _copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str):
+def _private_file_mappings() -> list[tuple[int, int]]:
+    """The (start, end) addresses of this process's private, unwritten-to-disk mappings of files (Linux's
+    /proc/self/maps), where memory-mapped checkpoint tensors live; empty elsewhere."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1].endswith("p") and "x" not in fields[1] and fields[5].startswith("/"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            mappings.append((start, end))
+    return mappings
+
+
+def _release_file_pages(tensor: torch.Tensor, file_mappings: list[tuple[int, int]]):
+    """Hands back to the page cache the pages of a memory-mapped checkpoint tensor once it has been cast: a cast reads
+    every page, which would otherwise stay resident beside the cast copy (2.5x the bf16 model of an fp32 file).
+    Only whole pages inside a private file mapping, which nothing has written to, are released; reading them again
+    reads the file."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous() or not any(low <= start and end <= high for low, high in file_mappings):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def build_model(
+    model_class: type,
+    config: FFVTConfig,
+    tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+    source: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """
+    `model_class(config)` (an FFVT class) holding the tensors `tensors(names)` gives for the names of its state dict,
+    built as `from_pretrained` builds a model: the modules on the meta device (no random initialisation), the tensors
+    assigned as they are (memory-mapped ones stay so; cast, without an fp32 copy on the way, when their dtype is not
+    `dtype`), and only the parameters they do not fill (a fresh fusion layer, its LayerNorm, a head) created in
+    `dtype` and initialised by the model's `_init_weights`, module by module in the model's order: the same seed
+    gives the same fresh parts.
+
+    Raises:
+        ValueError: a tensor does not fit the configuration (the message names `source`), or as `tensors` raises.
+    """
+    with torch.device("meta"):
+        model = model_class(config)
     own = model.state_dict()
+    loaded = tensors(list(own))
     mismatched = [
         f"{name}: {tuple(tensor.shape)} vs {tuple(own[name].shape)}"
-        for name, tensor in tensors.items()
+        for name, tensor in loaded.items()
         if tensor.shape != own[name].shape
     ]
     if mismatched:
         raise ValueError(f"The tensors of {source} do not fit this configuration (theirs vs ours): {mismatched[:5]}")
-    model.load_state_dict(tensors, strict=False)
+    file_mappings = _private_file_mappings()
+    for name, tensor in loaded.items():
+        loaded[name] = tensor.to(dtype).contiguous()
+        if loaded[name].data_ptr() != tensor.data_ptr():
+            _release_file_pages(tensor, file_mappings)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    for name, parameter in model.named_parameters():
+        # transformers' init functions skip what is so marked, as from_pretrained marks what it loads: a module only
+        # partly filled keeps what it was given.
+        parameter._is_hf_initialized = name in loaded
+    for module_name, module in model.named_modules():
+        fresh = {
+            name: parameter
+            for name, parameter in module.named_parameters(recurse=False)
+            if f"{module_name}.{name}".lstrip(".") not in loaded
+        }
+        for name, parameter in fresh.items():
+            empty = torch.empty(parameter.shape, dtype=dtype, device="cpu")
+            setattr(module, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+        if fresh:
+            with torch.no_grad():
+                model._init_weights(module)
+    if unfilled := [name for name, tensor in model.state_dict().items() if tensor.is_meta]:
+        raise ValueError(f"{model_class.__name__} has tensors neither {source} nor its initialisation fill: {unfilled}")
+    return model
 
 
 __all__ = [
@@ -803,10 +880,11 @@ __all__ = [
     "ORIGINAL_FFVT",
     "Checkpoint",
     "CheckpointFamily",
+    "backbone_tensors",
+    "build_model",
+    "checkpoint_tensors",
     "config_from_checkpoint",
     "image_normalization",
-    "load_backbone",
-    "load_checkpoint",
     "read_backbone",
     "read_checkpoint",
     "read_original_checkpoint",

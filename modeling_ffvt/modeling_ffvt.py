@@ -24,7 +24,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import augment_patches_c
 from transformers.utils import ModelOutput
 
 from .configuration_ffvt import FFVTConfig, _pair, patch_grid
-from .loading import config_from_checkpoint, load_backbone, read_backbone
+from .loading import backbone_tensors, build_model, config_from_checkpoint, read_backbone
 
 
 @dataclass
@@ -749,6 +749,7 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         num_token: int = 12,
         feature_fusion: bool = True,
         hub_kwargs: dict | None = None,
+        dtype: torch.dtype = torch.float32,
         **config_kwargs,
     ) -> "FFVTForImageClassification":
         """
@@ -761,8 +762,10 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         embeddings are resized to `image_size` once, here, the family's way (the original's for ViT, the backbone's own
         `interpolate_pos_encoding` for DINOv2 and CLIP), the first `num_hidden_layers - 1` layers are loaded (all of
         them and the final LayerNorm with `feature_fusion=False`), and the fusion layer, its LayerNorm and the zero
-        head are fresh. LayerNorm epsilon stays the original's 1e-6 for ViT whatever a Hub config says; DINOv2 and
-        CLIP keep their own. [`~loading.image_normalization`] gives the mean and std the images should get.
+        head are fresh. The model is built as `from_pretrained` builds one ([`~loading.build_model`]): no random
+        initialisation of what the checkpoint fills, safetensors files memory-mapped, not copied. LayerNorm epsilon
+        stays the original's 1e-6 for ViT whatever a Hub config says; DINOv2 and CLIP keep their own.
+        [`~loading.image_normalization`] gives the mean and std the images should get.
 
         Args:
             pretrained_model_name_or_path (`str`): Hub id or local folder of a backbone, or the path of a `.npz` file.
@@ -771,6 +774,8 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
             num_token (`int`, *optional*, defaults to 12): Tokens MAWS keeps per layer.
             feature_fusion (`bool`, *optional*, defaults to `True`): `False` gives the plain backbone with a head.
             hub_kwargs (`dict`, *optional*): `revision`, `token`, `cache_dir`, ... for reading from the Hub.
+            dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): The dtype of every weight, whatever the
+                checkpoint stores (float32 is what training wants; `torch.bfloat16` halves the memory of inference).
             config_kwargs: Further [`FFVTConfig`] arguments (`id2label`, `hidden_dropout_prob`, ...).
 
         Raises:
@@ -789,9 +794,9 @@ class FFVTForImageClassification(FFVTPreTrainedModel):
         )
         # Kept as the model's origin, as from_pretrained keeps it: a PEFT adapter records it as its base model.
         config.name_or_path = pretrained_model_name_or_path  # the setter stores str() of it
-        model = cls(config)
-        load_backbone(model, checkpoint)
-        return model
+        return build_model(
+            cls, config, lambda names: backbone_tensors(checkpoint, config, names), checkpoint.source, dtype
+        )
 
     @classmethod
     def from_vit_pretrained(cls, *args, **kwargs) -> "FFVTForImageClassification":

@@ -21,6 +21,8 @@ from .modeling_ffvt import FFVTForImageClassification
 
 ADAPTER_FOLDER = "adapter"
 DEFAULT_LORA_TARGETS = ("query", "value")
+# The dtypes weights may be held or saved in, by the name flags give them.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def fully_trained_modules(config: FFVTConfig) -> list[str]:
@@ -67,13 +69,16 @@ def lora_target_pattern(model: FFVTForImageClassification, target_modules) -> st
 class TrainingMethod:
     """Which parameters a run trains: all of them (the default), LoRA of rank `lora_rank` > 0 on
     `lora_target_modules` of the plain layers, or (`freeze_backbone`) only the fusion layer, the final LayerNorm
-    and the classifier. `lora_alpha` defaults to 2 x `lora_rank`."""
+    and the classifier. `lora_alpha` defaults to 2 x `lora_rank`. With LoRA or a frozen backbone,
+    `frozen_weights_dtype` (a name of `DTYPES`) is the dtype the frozen weight matrices are held in (see
+    [`hold_frozen_weights`]); what trains is float32 whatever it is."""
 
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     freeze_backbone: bool = False
+    frozen_weights_dtype: str = "float32"
 
     def __post_init__(self):
         if self.lora_rank < 0:
@@ -93,6 +98,14 @@ class TrainingMethod:
             )
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
+        if self.frozen_weights_dtype not in DTYPES:
+            raise ValueError(f"--frozen_weights_dtype {self.frozen_weights_dtype}: choose one of {', '.join(DTYPES)}.")
+        if self.frozen_weights_dtype != "float32" and not (self.lora_rank or self.freeze_backbone):
+            raise ValueError(
+                f"--frozen_weights_dtype {self.frozen_weights_dtype} holds the weights that do not train in that "
+                "dtype: give --lora_rank or --freeze_backbone with it (full fine-tuning trains every weight, in "
+                "float32; --mixed_precision chooses its compute)."
+            )
 
     @property
     def name(self) -> str:
@@ -101,13 +114,14 @@ class TrainingMethod:
     def describe(self, config: FFVTConfig) -> str:
         """One line for the model card: the method and what it trains."""
         trained = ", ".join(fully_trained_modules(config))
+        held = "" if self.frozen_weights_dtype == "float32" else f"; frozen weights held in {self.frozen_weights_dtype}"
         if self.lora_rank:
             return (f"LoRA (peft) of rank {self.lora_rank}, alpha {self.lora_alpha:g}, dropout {self.lora_dropout:g} "
                     f"on {', '.join(self.lora_target_modules)} of the "
                     f"{config.num_hidden_layers - config.feature_fusion} plain layers; "
-                    f"{trained} trained fully; merged here, the adapter alone (peft) in {ADAPTER_FOLDER}/")
+                    f"{trained} trained fully{held}; merged here, the adapter alone (peft) in {ADAPTER_FOLDER}/")
         if self.freeze_backbone:
-            return f"frozen backbone: only {trained} trained"
+            return f"frozen backbone: only {trained} trained{held}"
         return "full fine-tuning: every weight trained"
 
     def lora_config(self, model: FFVTForImageClassification, base_model_name_or_path: str | None = None):
@@ -147,7 +161,41 @@ class TrainingMethod:
             trained = tuple(name + "." for name in fully_trained_modules(model.config))
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(name.startswith(trained))
+        if self.frozen_weights_dtype != "float32":
+            hold_frozen_weights(model, DTYPES[self.frozen_weights_dtype])
         return model
+
+
+def _cast_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(
+        arg.to(module.weight.dtype) if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
+        for arg in args
+    )
+
+
+def _cast_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # Under autocast the next operation casts as it needs; without it the activations stay float32, as the trained
+    # weights downstream are.
+    return output if torch.is_autocast_enabled(output.device.type) else output.float()
+
+
+def hold_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """
+    Holds the frozen linear and convolution layers of `model` (those with no parameter that requires a gradient) in
+    `dtype`, as peft users load a base model in bf16 beside float32 adapters: their weights and biases are cast, their
+    input is cast to `dtype` on the way in and their output back to float32 on the way out (left to autocast's rules
+    under autocast), so that the float32 parts around them (LoRA's matrices, the fusion layer, the head) get float32.
+    The frozen LayerNorms, layer scales, CLS and register tokens and position embeddings, a few thousandths of the
+    weights, stay float32. Returns the number of parameters cast.
+    """
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+            module.register_forward_pre_hook(_cast_input)
+            module.register_forward_hook(_cast_output)
+            cast += sum(parameter.numel() for parameter in module.parameters())
+    return cast
 
 
 def parameter_counts(model: nn.Module) -> dict:
@@ -164,23 +212,30 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
-def merged_model(peft_model: nn.Module) -> FFVTForImageClassification:
-    """A plain FFVT with the adapter merged in (W + alpha / r * B A, the trained copies of `modules_to_save`), made
-    from a copy: `merge_and_unload` changes the model it is called on, and merging then unmerging in place leaves
-    the base weights off by rounding."""
-    return copy.deepcopy(peft_model).merge_and_unload()
+def merged_model(peft_model: nn.Module, dtype: torch.dtype = torch.float32) -> FFVTForImageClassification:
+    """A plain FFVT with the adapter merged in (W + alpha / r * B A, the trained copies of `modules_to_save`), in
+    `dtype`, made from a copy: `merge_and_unload` changes the model it is called on, and merging then unmerging in
+    place leaves the base weights off by rounding. The merge is computed in float32 (base weights held in half
+    precision are cast up first), then cast to `dtype`."""
+    return copy.deepcopy(peft_model).float().merge_and_unload().to(dtype)
 
 
-def save_peft_model(peft_model: nn.Module, output_dir, is_main_process: bool = True, start: str | None = None):
-    """Saves the merged plain FFVT in `output_dir` and the adapter in `output_dir/adapter` (kept apart: an
-    `adapter_config.json` at the top would make transformers load the folder as an adapter). `start` is a Hub id
+def save_peft_model(
+    peft_model: nn.Module,
+    output_dir,
+    is_main_process: bool = True,
+    start: str | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Saves the merged plain FFVT in `output_dir`, in `dtype`, and the adapter in `output_dir/adapter` (kept apart:
+    an `adapter_config.json` at the top would make transformers load the folder as an adapter). `start` is a Hub id
     of the base model for the adapter card's metadata (None for a local start)."""
     if not is_main_process:
         return
     adapter_dir = Path(output_dir, ADAPTER_FOLDER)
     peft_model.save_pretrained(adapter_dir)
     write_adapter_card(adapter_dir, start)
-    merged = merged_model(peft_model)
+    merged = merged_model(peft_model, dtype)
     with torch.no_grad():
         merged.save_pretrained(output_dir)
 
