@@ -53,6 +53,8 @@ def flags_text(flags: dict) -> str:
     for name, value in flags.items():
         if value is None or value is False or (not isinstance(value, bool) and value == 0):
             continue
+        if name == "frozen_weights_dtype" and value == TrainingMethod.frozen_weights_dtype:
+            continue
         if name == "lora_alpha" and value == 2 * flags.get("lora_rank", 0):
             continue
         if name == "lora_target_modules":

@@ -207,7 +207,8 @@ def test_bf16_with_gradient_checkpointing(digits, start, tmp_path, method):
     layer = layer_parameters(config.hidden_size, config.intermediate_size)
     if not lora:  # only the fusion layer, the final LayerNorm and the classifier
         assert results["trainable_parameters"] == layer + 2 * 32 + 32 * 10 + 10
-        assert "| method | frozen backbone: only vit.encoder.fusion_layer" in (tmp_path / "README.md").read_text()
+        # Underscores escaped: the card writes names literally.
+        assert r"| method | frozen backbone: only vit.encoder.fusion\_layer" in (tmp_path / "README.md").read_text()
 
 
 # ---- the digits demo with a frozen backbone -----------------------------------------------------------------------
@@ -393,8 +394,10 @@ def test_lora_runs_log_trainable_and_total_parameters_at_the_start(lora_checkpoi
         (["--freeze_backbone"], "--lora_rank 2 there, 0 here; --freeze_backbone not given there, True here"),
         (["--lora_rank", 2, "--image_size", 64], "--image_size not given there, 64 here"),
         (["--lora_rank", 2, "--model_name_or_path", "OTHER"], "--model_name_or_path START there, OTHER here"),
+        (["--lora_rank", 2, "--frozen_weights_dtype", "bfloat16"],
+         "--frozen_weights_dtype float32 there, bfloat16 here"),
     ],
-    ids=["no LoRA", "rank", "alpha", "targets", "frozen", "image size", "start model"],
+    ids=["no LoRA", "rank", "alpha", "targets", "frozen", "image size", "start model", "frozen dtype"],
 )
 def test_resuming_with_other_method_flags_is_refused_naming_the_written_ones(lora_checkpoint, start, tmp_path,
                                                                               capsys, flags, change):
