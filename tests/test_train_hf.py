@@ -166,7 +166,7 @@ def test_resuming_at_step_20_gives_the_weights_of_40_straight_steps(environment,
     """Two processes, augmentation and dropout on, 7 steps an epoch: step 20 lies inside the third epoch."""
     model = json.dumps({**DEMO_MODEL, "hidden_dropout_prob": 0.1})
     common = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", model,
-              "--recipe", "cub", "--resize_size", 40, "--per_device_train_batch_size", 48, "--max_train_samples", 600,
+              "--recipe", "cub", "--resize_size", 40, "--per_device_train_batch_size", 16, "--max_train_samples", 200,
               "--max_eval_samples", 64, "--learning_rate", 0.05, "--num_warmup_steps", 5, "--max_train_steps", 40,
               "--checkpointing_steps", 20]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
