@@ -178,7 +178,7 @@ def test_resuming_at_step_20_gives_the_weights_of_40_straight_steps(environment,
     """Two processes, augmentation and dropout on, 7 steps an epoch: step 20 lies inside the third epoch."""
     model = json.dumps({**DEMO_MODEL, "hidden_dropout_prob": 0.1})
     common = ["--train_dir", digits / "train", "--validation_dir", digits / "validation", "--config_name", model,
-              "--recipe", "cub", "--resize_size", 40, "--per_device_train_batch_size", 48, "--max_train_samples", 600,
+              "--recipe", "cub", "--resize_size", 40, "--per_device_train_batch_size", 16, "--max_train_samples", 200,
               "--max_eval_samples", 64, "--learning_rate", 0.05, "--num_warmup_steps", 5, "--max_train_steps", 40,
               "--checkpointing_steps", 20]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -242,11 +242,18 @@ def test_a_compiled_run_saves_a_folder_that_loads_whole(environment, digits, tmp
 # ---- the demo ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_demo_writes_a_complete_model_folder(environment, tmp_path):
-    output_dir = tmp_path / "demo_output"
+@pytest.fixture(scope="module")
+def demo_run(environment, tmp_path_factory):
+    """`train_hf.py --demo` for 10 steps, evaluated at steps 5 and 10: the run and the folder it wrote."""
+    output_dir = tmp_path_factory.mktemp("demo") / "demo_output"
     run = succeeded(train(environment, "--demo", "--output_dir", output_dir, "--max_train_steps", 10,
                           "--eval_steps", 5))
+    return run, output_dir
+
+
+@pytest.mark.slow
+def test_demo_writes_a_complete_model_folder(demo_run):
+    run, output_dir = demo_run
     assert "requires torchvision" not in run.stdout  # processors built and loaded on the PIL backend, no fallback
     assert len(list((output_dir / "demo_data" / "train").glob("*/*.png"))) == 1500
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "all_results.json", "README.md"):
@@ -270,16 +277,15 @@ def test_demo_writes_a_complete_model_folder(environment, tmp_path):
 
 
 @pytest.mark.slow
-def test_model_card_snippets_run_as_written(environment, tmp_path):
+def test_model_card_snippets_run_as_written(environment, demo_run):
     """The card names the model by its folder, so from the folder's parent each snippet runs unchanged."""
-    output_dir = tmp_path / "demo_output"
-    succeeded(train(environment, "--demo", "--output_dir", output_dir, "--max_train_steps", 5))
+    _, output_dir = demo_run
     card = (output_dir / "README.md").read_text()
     snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
     assert len(snippets) == 2
-    shutil.copy(next((output_dir / "demo_data" / "validation" / "3").glob("*.png")), tmp_path / "image.jpg")
+    shutil.copy(next((output_dir / "demo_data" / "validation" / "3").glob("*.png")), output_dir.parent / "image.jpg")
     for snippet in snippets:
-        run = run_python("-c", snippet, cwd=tmp_path, env=environment, separate_stderr=True, timeout=300)
+        run = run_python("-c", snippet, cwd=output_dir.parent, env=environment, separate_stderr=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() in {str(i) for i in range(10)}  # the second snippet prints a class name
 
