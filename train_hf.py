@@ -20,7 +20,7 @@ import resource
 import shlex
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -39,7 +39,15 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
-from modeling_ffvt.data import RECIPES, FGVCTransform, ImageClassificationDataset, ProcessorTransform
+from modeling_ffvt.data import (
+    IGNORE_INDEX,
+    RECIPES,
+    FGVCTransform,
+    ImageClassificationDataset,
+    ProcessorTransform,
+    collate_images,
+)
+from modeling_ffvt.data_loading import UnreadableImages, load_loader_state, own_loader_states, save_loader_state
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
@@ -53,12 +61,11 @@ from modeling_ffvt.inputs import (
 from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 from modeling_ffvt.parameter_efficient import TrainingMethod, is_peft_model, parameter_counts, save_peft_model
-from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_images, encode_labels, prepare_splits
+from modeling_ffvt.splits import PreparedSplits, check_labels, encode_labels, prepare_splits
 
 logger = get_logger(__name__)
 
 PROGRESS_FILE = "training_progress.json"
-IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
 # std 1 rather than 0.02 let SGD tell them apart within 600 steps (0.35 top-1 with 0.02, 0.94 with 1).
@@ -442,9 +449,11 @@ def make_accelerator(args) -> Accelerator:
         mixed_precision=args.mixed_precision,
         # No gradient_accumulation_steps: train_step accumulates itself, since weighting each image by its window's
         # size needs the whole window fetched first, and accelerate ends a window when the last batch is fetched.
-        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
+        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order;
+        # torchdata's stateful loader saves where in the epoch each process is, so a resume continues from there.
         # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True,
+                                                  use_stateful_dataloader=True),
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
     )
@@ -477,13 +486,17 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
         eval_transform if args.recipe == "plain"
         else FGVCTransform(args.recipe, config.image_size, resize_size, True, mean, std)
     )
+    # An unreadable image is found where a worker decodes it, and stands in its batch as zeros without a label.
+    shape = (3, config.image_size, config.image_size)
     train_dataset, eval_dataset = (
         ImageClassificationDataset(
-            splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed
+            splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed, shape,
+            name,
         )
         for name, transform in (("train", train_transform), ("validation", eval_transform))
     )
-    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+                   collate_fn=collate_images)
     train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=args.per_device_train_batch_size, **options)
     eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, **options)
     return processor, train_dataloader, eval_dataloader
@@ -552,12 +565,14 @@ def schedule_description(warmup_steps, total_steps, kind, learning_rate) -> str:
 @dataclass
 class Progress:
     """Where a run stands, written beside each checkpoint so that a resumed run starts exactly there: optimiser steps
-    done, the position in the data (epoch, batches of it done), and the evaluation results of the saved model."""
+    done, the position in the data (epoch, batches of it done), the evaluation results of the saved model, and the
+    unreadable images --skip_bad_images has left out so far."""
 
     completed_steps: int = 0
     epoch: int = 0
     batches_done: int = 0
     best: dict | None = None
+    skipped_images: list[str] = field(default_factory=list)
 
 
 class LossWindow:
@@ -581,19 +596,23 @@ class LossWindow:
         return stats
 
 
-def save_checkpoint(accelerator, output_dir, name, progress: Progress):
+def save_checkpoint(accelerator, output_dir, name, progress: Progress, train_dataloader):
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
+    save_loader_state(folder, train_dataloader, accelerator.process_index)
     if accelerator.is_main_process:
         Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
 
 
-def resume(accelerator, folder, output_dir) -> Progress:
+def resume(accelerator, folder, output_dir, train_dataloader) -> Progress:
     """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
-    from the checkpoint's own record rather than its folder's name."""
+    from the checkpoint's own record rather than its folder's name. In the middle of an epoch, each process's data
+    loader takes the position it saved, and continues from there without replaying the epoch's first batches."""
     folder = latest_checkpoint(output_dir) if folder == "latest" else folder
     accelerator.load_state(folder)
     progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
+    if progress.batches_done:  # at an epoch's end, the next epoch starts afresh
+        load_loader_state(folder, train_dataloader, accelerator.process_index, accelerator.num_processes)
     logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
     return progress
 
@@ -605,19 +624,22 @@ def latest_checkpoint(output_dir):
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
 
 
-def validate(model, dataloader, accelerator, metric) -> dict:
-    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split."""
-    ranked = rank_classes(model, dataloader, accelerator)
+def validate(model, dataloader, accelerator, metric, unreadable: UnreadableImages) -> dict:
+    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split, but for
+    the unreadable images --skip_bad_images leaves out (`unreadable` stops the run on them otherwise)."""
+    ranked = rank_classes(model, unreadable.checked(accelerator, dataloader), accelerator)
+    kept = [row for row, label in enumerate(ranked["references"]) if label != IGNORE_INDEX]
+    ranked = {key: [values[row] for row in kept] for key, values in ranked.items()}
     scores = metric.compute(predictions=ranked["rankings"], references=ranked["references"])
     return {**{f"eval_{name}": value for name, value in scores.items()}, "eval_loss": float(np.mean(ranked["losses"]))}
 
 
-def evaluate_and_keep_best(
-    args, accelerator, model, eval_dataloader, metric, processor, progress: Progress, plan: Plan
-) -> dict:
+def evaluate_and_keep_best(args, accelerator, run: "Prepared", metric, processor, progress: Progress) -> dict:
     """Evaluate; when top-1 improved (or nothing is saved in output_dir yet, as after a resume into another folder),
     save the model, its processor, all_results.json and the card. Returns the evaluation's results."""
-    results = {**validate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
+    model, plan = run.model, run.plan
+    results = {**validate(model, run.eval_dataloader, accelerator, metric, run.unreadable),
+               "step": progress.completed_steps}
     if progress.best is None or results["eval_accuracy"] > progress.best["eval_accuracy"] or not Path(
         args.output_dir, "model.safetensors"
     ).exists():
@@ -625,7 +647,8 @@ def evaluate_and_keep_best(
         save_model(accelerator, model, processor, args.output_dir,
                    args.model_name_or_path if is_hub_id(args.model_name_or_path) else None)
         if accelerator.is_main_process:
-            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {}, plan)
+            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results,
+                                   {"skipped_images": progress.skipped_images}, plan)
     model.train()
     return results
 
@@ -672,6 +695,7 @@ class Prepared:
     train_dataloader: DataLoader
     eval_dataloader: DataLoader
     plan: Plan
+    unreadable: UnreadableImages
 
 
 def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
@@ -679,7 +703,7 @@ def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress
     log = {**window.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
            "peak_memory_mb": peak_memory_mb(accelerator.device)}
     log.update(
-        evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress, run.plan)
+        evaluate_and_keep_best(args, accelerator, run, metric, processor, progress)
     )
     logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
     if args.with_tracking:
@@ -695,13 +719,15 @@ def accumulation_windows(batches, size):
 
 def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow, bar):
     """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps,
-    evaluating and saving checkpoints when their steps come."""
+    evaluating and saving checkpoints when their steps come. A resumed data loader continues from the position the
+    checkpoint saved."""
     epoch, first_batch, dataloader = progress.epoch, progress.batches_done, run.train_dataloader
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
-    batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch else dataloader
     # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
-    for accumulation in accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps):
+    batches = enumerate(dataloader, start=first_batch)
+    for accumulation in accumulation_windows(batches, args.gradient_accumulation_steps):
+        run.unreadable.check(accelerator, [batch for _, batch in accumulation])
         window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
         window.images += sum(len(batch["labels"]) for _, batch in accumulation) * accelerator.num_processes
         done = accumulation[-1][0] + 1
@@ -713,11 +739,11 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
         if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
             log_evaluation(args, accelerator, run, metric, processor, progress, window)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress)
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, dataloader)
         if steps >= run.plan.max_train_steps:
             return
     if args.checkpointing_steps == "epoch":
-        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress)
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, dataloader)
 
 
 def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
@@ -741,6 +767,7 @@ def train(args, accelerator, run: Prepared, processor, progress: Progress) -> di
         "train_steps": progress.completed_steps,
         "epoch": progress.completed_steps / run.plan.steps_per_epoch,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "skipped_images": progress.skipped_images,
     }
 
 
@@ -902,12 +929,6 @@ def main(argv=None):
             make_digits_folder(args.demo_data_dir)
         data = prepare_data(args)
     splits = data.splits
-    # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
-    # size otherwise, which rejects whatever a reduced decode would.
-    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
-    skipped = drop_unreadable_images(data, args.skip_bad_images, accelerator, (resize, resize) if resize else None)
-    if skipped:
-        logger.warning(f"Skipped {skipped} unreadable images")
     names = encode_labels(data, data_set_title(args))
 
     model = load_model(args, names, data.labels)
@@ -928,7 +949,8 @@ def main(argv=None):
     )
     plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated, data.held_out, method,
                 parameter_counts(model))
-    run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader), plan)
+    prepared = accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader)
+    own_loader_states(accelerator, prepared[3:])
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
@@ -941,7 +963,8 @@ def main(argv=None):
 
     progress = Progress()
     if args.resume_from_checkpoint:
-        progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+        progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir, prepared[3])
+    run = Prepared(*prepared, plan, UnreadableImages(args.skip_bad_images, progress.skipped_images))
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -1,5 +1,6 @@
 """Data preparation shared by train_hf.py and ffvt-evaluate: read the data, choose the split to evaluate, check its
-columns and that splits do not overlap, find unreadable images and turn labels into class ids.
+columns and that splits do not overlap, find unreadable images (for ffvt-evaluate; training finds them where its
+data loader decodes them) and turn labels into class ids.
 
 Everything here runs before a model exists and raises `InputError` naming the flag, folder, split, row or column
 involved; the commands print that message alone.
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from accelerate.utils import broadcast_object_list
 
 from .data import find_unreadable_images
 from .inputs import (
@@ -188,6 +188,11 @@ def prepare_splits(
     for key, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
         if limit is not None and key in splits:
             splits[key] = splits[key].shuffle(seed=seed).select(range(min(limit, len(splits[key]))))
+    for key, part in splits.items():
+        if len(part) == 0:
+            raise InputError(
+                f"The {key} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
+            )
     undecoded = datasets.Image(decode=False)
     splits = {key: part.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
               for key, part in splits.items()}
@@ -232,36 +237,6 @@ def find_unreadable_rows(
     named = ({**entry, "path": name} for entry, name in zip(entries, names))
     reasons = dict(find_unreadable_images(named, target_size=target_size))
     return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
-
-
-def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator, target_size=None) -> int:
-    """Decode every image once (for `target_size`, see `find_unreadable_rows`), on the main process (the others
-    learn the result): raise InputError naming the bad ones, or with `skip` (--skip_bad_images) drop them from
-    `prepared.splits` and return how many were dropped. Raises InputError for a split left empty."""
-    found = None
-    if accelerator.is_main_process:
-        found = {key: find_unreadable_rows(part, prepared.image_column, key, target_size)
-                 for key, part in prepared.splits.items()}
-    found = broadcast_object_list([found])[0]
-    # A file is named "split: path"; an embedded image's name ("split row N (file name)") already names its split.
-    bad = [f"  {name if name.startswith(f'{key} row ') else f'{key}: {name}'} ({reason})"
-           for key, rows in found.items() for _, name, reason in rows]
-    if bad and not skip:
-        raise InputError(
-            f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
-            "to train without them."
-        )
-    for key, rows in found.items():
-        bad_rows = {row for row, _, _ in rows}
-        if bad_rows:
-            part = prepared.splits[key]
-            prepared.splits[key] = part.select([row for row in range(len(part)) if row not in bad_rows])
-    for key, part in prepared.splits.items():
-        if len(part) == 0:
-            raise InputError(
-                f"The {key} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
-            )
-    return len(bad)
 
 
 def encode_labels(prepared: PreparedSplits, data: str) -> list[str] | None:
