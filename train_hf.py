@@ -35,6 +35,7 @@ from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from huggingface_hub import create_repo, upload_folder, whoami
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
@@ -62,6 +63,13 @@ from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
 from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
 from modeling_ffvt.parameter_efficient import TrainingMethod, is_peft_model, parameter_counts, save_peft_model
 from modeling_ffvt.splits import PreparedSplits, check_labels, encode_labels, prepare_splits
+from modeling_ffvt.streaming import (
+    StreamedImages,
+    StreamedLoader,
+    StreamedSplits,
+    load_streamed_splits,
+    on_every_process,
+)
 
 logger = get_logger(__name__)
 
@@ -129,6 +137,11 @@ def parse_args(argv=None):
     data.add_argument("--recipe", choices=RECIPES, default="cub", help="Augmentation; plain = evaluation transform.")
     data.add_argument("--resize_size", type=int, help="Square resize before cropping (default: the paper's ratio).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that load and augment.")
+    data.add_argument(
+        "--streaming", action="store_true",
+        help="Read --dataset_name as it is needed rather than whole (needs --max_train_steps; docs/training.md).",
+    )
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Examples a streamed shuffle mixes.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="An FFVT or ViT folder or Hub id to start from.")
@@ -195,6 +208,11 @@ def parse_args(argv=None):
         args.validation_dir = os.path.join(args.demo_data_dir, "validation")
     if args.dataset_name is None and args.train_dir is None:
         parser.error("Give the data: --dataset_name, --train_dir (with --validation_dir) or --demo.")
+    if args.streaming and args.dataset_name is None:
+        parser.error("--streaming reads --dataset_name: give the data that way (a folder too), or drop --streaming.")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming: give --max_train_steps, since a stream's length (and so an epoch's steps) is not "
+                     "known before it is read.")
     if args.model_name_or_path and args.vit_npz:
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
@@ -234,6 +252,7 @@ FLAG_BOUNDS = {
     "max_eval_samples": (0, True),
     "num_warmup_steps": (0, True),
     "dataloader_num_workers": (0, True),
+    "shuffle_buffer_size": (1, True),
     "learning_rate": (0, False),
     "max_grad_norm": (0, False),
     "weight_decay": (0, True),
@@ -380,6 +399,17 @@ def prepare_data(args) -> PreparedSplits:
     return data
 
 
+def stream_data(args, accelerator) -> StreamedSplits:
+    """This process's shares of the streamed train and evaluated splits of --dataset_name
+    (modeling_ffvt.streaming.load_streamed_splits)."""
+    return load_streamed_splits(
+        args.dataset_name, image_column=args.image_column_name, label_column=args.label_column_name,
+        eval_split=args.eval_split, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+    )
+
+
 def load_model(args, names, labels):
     """FFVT with a head for `names` (the data's classes), from an FFVT checkpoint, a backbone (ViT, DINOv2, DINOv2
     with registers, CLIP), an .npz, or a config.
@@ -475,9 +505,10 @@ def choose_cpu_threads(args, accelerator):
         torch.set_num_threads(1)
 
 
-def make_dataloaders(args, splits, config, accelerator, resize_size):
-    """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
-    validation through the very processor saved beside the model; both resize to `resize_size` before cropping."""
+def make_transforms(args, config, resize_size):
+    """(image processor to save, training transform, evaluation transform): training through the recipe's
+    augmentation, evaluation through the very processor saved beside the model; both resize to `resize_size` before
+    cropping."""
     # The normalisation of the checkpoint training starts from (its own processor's, or its backbone family's).
     mean, std = image_normalization(args.vit_npz or args.model_name_or_path)
     processor = make_image_processor(config.image_size, resize_size, mean, std)
@@ -486,8 +517,29 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
         eval_transform if args.recipe == "plain"
         else FGVCTransform(args.recipe, config.image_size, resize_size, True, mean, std)
     )
+    return processor, train_transform, eval_transform
+
+
+def make_dataloaders(args, data, config, accelerator, resize_size):
+    """(image processor to save, train and validation DataLoaders) of `data` (PreparedSplits, or StreamedSplits for
+    --streaming, whose loaders are this process's already and put batches on its device)."""
+    processor, train_transform, eval_transform = make_transforms(args, config, resize_size)
     # An unreadable image is found where a worker decodes it, and stands in its batch as zeros without a label.
     shape = (3, config.image_size, config.image_size)
+    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+                   collate_fn=collate_images)
+    if args.streaming:
+        train_dataloader, eval_dataloader = (
+            StreamedLoader(StatefulDataLoader(
+                StreamedImages(split, args.image_column_name, args.label_column_name, transform, shape, args.seed,
+                               name),
+                batch_size=batch_size, **options), accelerator.device)
+            for name, split, transform, batch_size in (
+                ("train", data.train, train_transform, args.per_device_train_batch_size),
+                ("validation", data.validation, eval_transform, args.per_device_eval_batch_size))
+        )
+        return processor, train_dataloader, eval_dataloader
+    splits = data.splits
     train_dataset, eval_dataset = (
         ImageClassificationDataset(
             splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed, shape,
@@ -495,8 +547,6 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
         )
         for name, transform in (("train", train_transform), ("validation", eval_transform))
     )
-    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
-                   collate_fn=collate_images)
     train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=args.per_device_train_batch_size, **options)
     eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, **options)
     return processor, train_dataloader, eval_dataloader
@@ -504,10 +554,13 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
 
 def make_optimizer(args, model, train_dataloader, accelerator):
     """SGD with momentum 0.9 and the warm-up-then-decay schedule, for --max_train_steps (or --num_train_epochs when
-    not given). Returns (optimizer, scheduler, optimiser steps per epoch, optimiser steps of the run)."""
-    # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
-    batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    not given). Returns (optimizer, scheduler, optimiser steps per epoch (None for a stream, whose length is not
+    known), optimiser steps of the run)."""
+    steps_per_epoch = None
+    if not args.streaming:
+        # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
+        batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
@@ -530,7 +583,7 @@ class Plan:
 
     resize_size: int
     max_train_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None for streamed data
     evaluated: str  # the split evaluated, as the data names it, or the part held out of train
     held_out: float | None  # the fraction of train held out for evaluation, if that is what was evaluated
     method: TrainingMethod
@@ -627,7 +680,8 @@ def latest_checkpoint(output_dir):
 def validate(model, dataloader, accelerator, metric, unreadable: UnreadableImages) -> dict:
     """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split, but for
     the unreadable images --skip_bad_images leaves out (`unreadable` stops the run on them otherwise)."""
-    ranked = rank_classes(model, unreadable.checked(accelerator, dataloader), accelerator)
+    ranked = rank_classes(model, unreadable.checked(accelerator, dataloader), accelerator,
+                          even=not isinstance(dataloader, StreamedLoader))
     kept = [row for row, label in enumerate(ranked["references"]) if label != IGNORE_INDEX]
     ranked = {key: [values[row] for row in kept] for key, values in ranked.items()}
     scores = metric.compute(predictions=ranked["rankings"], references=ranked["references"])
@@ -724,14 +778,15 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
     epoch, first_batch, dataloader = progress.epoch, progress.batches_done, run.train_dataloader
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
+    length, steps_before = None if args.streaming else len(dataloader), progress.completed_steps
     # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
-    batches = enumerate(dataloader, start=first_batch)
-    for accumulation in accumulation_windows(batches, args.gradient_accumulation_steps):
+    windows = accumulation_windows(enumerate(dataloader, start=first_batch), args.gradient_accumulation_steps)
+    for accumulation in on_every_process(accelerator, windows) if args.streaming else windows:
         run.unreadable.check(accelerator, [batch for _, batch in accumulation])
         window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
         window.images += sum(len(batch["labels"]) for _, batch in accumulation) * accelerator.num_processes
         done = accumulation[-1][0] + 1
-        progress.epoch, progress.batches_done = (epoch + 1, 0) if done == len(dataloader) else (epoch, done)
+        progress.epoch, progress.batches_done = (epoch + 1, 0) if done == length else (epoch, done)
         progress.completed_steps += 1
         window.steps += 1
         bar.update(1)
@@ -742,6 +797,10 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
             save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, dataloader)
         if steps >= run.plan.max_train_steps:
             return
+    if progress.completed_steps == steps_before and not first_batch:  # else the run would wait for ever
+        raise InputError(f"The train split of {args.dataset_name} gave no batch to every process: stream more "
+                         "examples than processes, or drop --streaming.")
+    progress.epoch, progress.batches_done = epoch + 1, 0  # a stream's end is known only once it is met
     if args.checkpointing_steps == "epoch":
         save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, dataloader)
 
@@ -765,7 +824,7 @@ def train(args, accelerator, run: Prepared, processor, progress: Progress) -> di
         "train_runtime": runtime,
         "train_samples_per_second": (progress.completed_steps - first_step) * total_batch_size / runtime,
         "train_steps": progress.completed_steps,
-        "epoch": progress.completed_steps / run.plan.steps_per_epoch,
+        "epoch": progress.completed_steps / run.plan.steps_per_epoch if run.plan.steps_per_epoch else progress.epoch,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "skipped_images": progress.skipped_images,
     }
@@ -827,6 +886,9 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
         "mixed precision": accelerator.mixed_precision,
         "seed": args.seed,
     }
+    if args.streaming:
+        hyperparameters["data loading"] = (f"streamed (datasets' streaming mode), shuffle buffer of "
+                                           f"{args.shuffle_buffer_size} examples")
     write_model_card(
         args.output_dir,
         repo_id=args.hub_model_id or Path(args.output_dir).absolute().name,
@@ -924,15 +986,19 @@ def main(argv=None):
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    with accelerator.main_process_first():
-        if args.demo:
-            make_digits_folder(args.demo_data_dir)
-        data = prepare_data(args)
-    splits = data.splits
-    names = encode_labels(data, data_set_title(args))
+    if args.streaming:
+        data = stream_data(args, accelerator)
+        names, labels = data.class_names, None
+    else:
+        with accelerator.main_process_first():
+            if args.demo:
+                make_digits_folder(args.demo_data_dir)
+            data = prepare_data(args)
+        names, labels = encode_labels(data, data_set_title(args)), data.labels
 
-    model = load_model(args, names, data.labels)
-    check_labels(data.labels, model.config.num_labels)
+    model = load_model(args, names, labels)
+    if labels is not None:
+        check_labels(labels, model.config.num_labels)
     if args.gradient_checkpointing:
         # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -943,21 +1009,26 @@ def main(argv=None):
         raise SystemExit(str(error)) from None
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
     resize_size = args.resize_size or default_resize_size(config.image_size)
-    processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator, resize_size)
+    processor, train_dataloader, eval_dataloader = make_dataloaders(args, data, config, accelerator, resize_size)
     optimizer, lr_scheduler, steps_per_epoch, max_train_steps = make_optimizer(
         args, model, train_dataloader, accelerator
     )
     plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated, data.held_out, method,
                 parameter_counts(model))
-    prepared = accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader)
-    own_loader_states(accelerator, prepared[3:])
+    if args.streaming:  # already this process's share
+        prepared = (*accelerator.prepare(model, optimizer, lr_scheduler), train_dataloader, eval_dataloader)
+    else:
+        prepared = accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader)
+        own_loader_states(accelerator, prepared[3:])
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(splits['train'])} train, {len(splits['validation'])} validation")
-    logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
+    if not args.streaming:
+        logger.info(f"  Num examples = {len(data.splits['train'])} train, {len(data.splits['validation'])} "
+                    "validation")
+        logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
@@ -968,7 +1039,8 @@ def main(argv=None):
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:
-        validation_image = splits["validation"][0][args.image_column_name]
+        first = next(iter(data.validation)) if args.streaming else data.splits["validation"][0]
+        validation_image = first[args.image_column_name]
         finish(args, accelerator, config, progress, train_metrics, validation_image, plan)
 
 
