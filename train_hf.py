@@ -48,7 +48,7 @@ from modeling_ffvt.data import (
     ProcessorTransform,
     collate_images,
 )
-from modeling_ffvt.data_loading import UnreadableImages, load_loader_state, own_loader_states, save_loader_state
+from modeling_ffvt.data_loading import UnreadableImages, load_loader_state, save_loader_state
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
@@ -479,11 +479,9 @@ def make_accelerator(args) -> Accelerator:
         mixed_precision=args.mixed_precision,
         # No gradient_accumulation_steps: train_step accumulates itself, since weighting each image by its window's
         # size needs the whole window fetched first, and accelerate ends a window when the last batch is fetched.
-        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order;
-        # torchdata's stateful loader saves where in the epoch each process is, so a resume continues from there.
+        # The seedable sampler draws each epoch's order from (seed, epoch), so a resumed run sees the same order.
         # Non-blocking copies from pinned memory let the next batch reach the GPU while the current step runs.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True,
-                                                  use_stateful_dataloader=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
     )
@@ -652,19 +650,20 @@ class LossWindow:
 def save_checkpoint(accelerator, output_dir, name, progress: Progress, train_dataloader):
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
-    save_loader_state(folder, train_dataloader, accelerator.process_index)
+    if isinstance(train_dataloader, StreamedLoader):  # a stream's position is its loader's; map-style's is a count
+        save_loader_state(folder, train_dataloader, accelerator.process_index)
     if accelerator.is_main_process:
         Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
 
 
 def resume(accelerator, folder, output_dir, train_dataloader) -> Progress:
     """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
-    from the checkpoint's own record rather than its folder's name. In the middle of an epoch, each process's data
-    loader takes the position it saved, and continues from there without replaying the epoch's first batches."""
+    from the checkpoint's own record rather than its folder's name. In the middle of a streamed epoch, each
+    process's data loader takes the position it saved (map-style data skips `batches_done`, see train_one_epoch)."""
     folder = latest_checkpoint(output_dir) if folder == "latest" else folder
     accelerator.load_state(folder)
     progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
-    if progress.batches_done:  # at an epoch's end, the next epoch starts afresh
+    if progress.batches_done and isinstance(train_dataloader, StreamedLoader):  # an ended epoch restarts afresh
         load_loader_state(folder, train_dataloader, accelerator.process_index, accelerator.num_processes)
     logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
     return progress
@@ -779,8 +778,12 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
     length, steps_before = None if args.streaming else len(dataloader), progress.completed_steps
+    # A resumed stream continues from its loaded position. A map-style epoch skips the sampler's indices of the
+    # batches done, loading none of them (torchdata's stateful loader would replay the same indices, and tie the
+    # checkpoint to the number of workers).
+    batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch and length else dataloader
     # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
-    windows = accumulation_windows(enumerate(dataloader, start=first_batch), args.gradient_accumulation_steps)
+    windows = accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps)
     for accumulation in on_every_process(accelerator, windows) if args.streaming else windows:
         run.unreadable.check(accelerator, [batch for _, batch in accumulation])
         window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
@@ -1019,7 +1022,6 @@ def main(argv=None):
         prepared = (*accelerator.prepare(model, optimizer, lr_scheduler), train_dataloader, eval_dataloader)
     else:
         prepared = accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader)
-        own_loader_states(accelerator, prepared[3:])
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)

@@ -1,5 +1,5 @@
 """What train_hf.py needs to load large data sets: unreadable images found where they are decoded anyway, and each
-process's data-loader position saved with a checkpoint so that a resume continues mid-epoch without replaying it.
+process's position in a streamed epoch saved with a checkpoint so that a resume continues from there.
 
 docs/training.md ("Large data sets") says what users see.
 """
@@ -57,41 +57,33 @@ class UnreadableImages:
             yield batch
 
 
-def own_loader_states(accelerator, dataloaders) -> None:
-    """Make the prepared stateful `dataloaders` this run's to save and start, rather than accelerate's:
-
-    - accelerate's `save_state` writes every process's loader state into one file (dl_state_dict.bin) at once, so
-      the processes' differing positions would overwrite one another: `save_loader_state` writes one file a process
-      instead, and accelerate is left none to save;
-    - torchdata's `state_dict()`, which accelerate calls when it wraps a loader, starts an iterator (and its workers)
-      that the first epoch would then reuse, made before `set_epoch`: with workers its order is not the seeded one.
-      An empty state drops it, so that the first epoch starts as every other does.
-    """
-    for dataloader in dataloaders:
-        accelerator._dataloaders.remove(dataloader)
-        dataloader.load_state_dict({})
-
-
 def loader_state_file(folder, process_index: int) -> Path:
     return Path(folder, f"train_loader_{process_index}.pt")
 
 
 def save_loader_state(folder, dataloader, process_index: int) -> None:
-    """Write this process's training data-loader position (a torchdata `StatefulDataLoader` state: batches yielded,
-    sampler and worker states) into the checkpoint folder, one file a process, since each process reads its own
-    share of the data."""
-    torch.save(dataloader.state_dict(), loader_state_file(folder, process_index))
+    """Write this process's position in a streamed epoch (a torchdata `StatefulDataLoader` state: where each worker
+    had read its shards to) into the checkpoint folder, one file a process, since each process reads its own shards,
+    with the number of workers, which the position depends on."""
+    state = {"num_workers": dataloader.dataloader.num_workers, "state": dataloader.state_dict()}
+    torch.save(state, loader_state_file(folder, process_index))
 
 
 def load_loader_state(folder, dataloader, process_index: int, num_processes: int) -> None:
     """Give `dataloader` the position `save_loader_state` wrote, so that its next iteration continues the epoch
-    where the checkpoint was taken. Raises InputError when the checkpoint was written by another number of
-    processes (each process's position is that of its own share)."""
+    where the checkpoint was taken. Raises InputError when the checkpoint was written by another number of processes
+    or data-loader workers (each reads its own shards)."""
     path = loader_state_file(folder, process_index)
     saved = len(list(Path(folder).glob("train_loader_*.pt")))
     if not path.is_file() or saved != num_processes:
         raise InputError(
-            f"--resume_from_checkpoint {folder}: its data-loader positions are those of {saved} processes, not "
+            f"--resume_from_checkpoint {folder}: its stream positions are those of {saved} processes, not "
             f"{num_processes}: resume with --num_processes {saved}, the number that wrote it."
         )
-    dataloader.load_state_dict(torch.load(path, weights_only=False))
+    state = torch.load(path, weights_only=False)
+    if state["num_workers"] != dataloader.dataloader.num_workers:
+        raise InputError(
+            f"--resume_from_checkpoint {folder}: its stream positions are those of {state['num_workers']} data-loader "
+            f"workers a process: resume with --dataloader_num_workers {state['num_workers']}."
+        )
+    dataloader.load_state_dict(state["state"])

@@ -7,6 +7,7 @@ data-loader worker reads its share of that. docs/training.md ("Large data sets")
 """
 
 import logging
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from .data import UnreadableImageError, sample_generator, unreadable_sample
 from .inputs import InputError
 
 logger = logging.getLogger(__name__)
+# torchdata 0.11's StatefulDataLoader calls a torch function that torch now deprecates, warning at each loader.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 STREAMED_EVALUATION_ORDER = ("validation", "test")
 

@@ -1,5 +1,5 @@
 """Large data sets (docs/training.md, "Large data sets"): unreadable images found where the data loader decodes them
-rather than before the first step, and resumes in the middle of an epoch from the data loader's own saved position.
+rather than before the first step; streamed data, split over processes and resumed in the middle of an epoch.
 
 Images are 8 x 8 and the model two layers of width 16, so that 1,000 images make an epoch of a second or two.
 """
@@ -76,8 +76,8 @@ def weights_gap(first, second):
 
 def test_a_truncated_image_stops_the_run_when_met_and_the_checkpoint_before_resumes_exactly(tmp_path, capsys):
     """Without --skip_bad_images: one line naming the file, the checkpoints before it untouched; once the file is
-    fixed, a resume from the last of them ends with the weights of a run that never met a bad file (two data-loader
-    workers, mid-epoch: the loader continues from its saved position)."""
+    fixed, a resume from the last of them (mid-epoch, two data-loader workers) ends with the weights of a run that
+    never met a bad file."""
     data = tmp_path / "data"
     bad, good = image_folder(data)
     common = ("--checkpointing_steps", 1, "--dataloader_num_workers", 2)
@@ -92,7 +92,6 @@ def test_a_truncated_image_stops_the_run_when_met_and_the_checkpoint_before_resu
     met = step_meeting(data, bad, 250)
     assert 1 < met <= 4
     assert sorted(path.name for path in stopped.glob("step_*")) == sorted(f"step_{step}" for step in range(1, met))
-    assert (stopped / f"step_{met - 1}" / "train_loader_0.pt").is_file()
 
     bad.write_bytes(good)
     train_here(*arguments(data, stopped, 250, *common, "--resume_from_checkpoint", "latest"))
@@ -108,26 +107,17 @@ def test_skip_bad_images_leaves_the_image_out_on_every_process_alike(tmp_path):
     data = tmp_path / "data"
     bad, _ = image_folder(data)
     two, one = tmp_path / "two", tmp_path / "one"
-    run = run_python(REPOSITORY / "train_hf.py", *arguments(data, two, 250, "--skip_bad_images"), processes=2)
+    # Dropout draws depend on the process (augmentation draws do not): off, so that both layouts take the same step.
+    model = json.dumps({**json.loads(MODEL), "hidden_dropout_prob": 0})
+    without_dropout = ("--skip_bad_images", "--config_name", model)
+    run = run_python(REPOSITORY / "train_hf.py", *arguments(data, two, 250, *without_dropout), processes=2)
     assert run.returncode == 0, run.stdout[-5000:]
     assert run.stdout.count(f"Skipped 1 unreadable image (1 so far): train: {bad} (") == 2  # once a process
-    train_here(*arguments(data, one, 500, "--skip_bad_images"))
+    train_here(*arguments(data, one, 500, *without_dropout))
     for output_dir in (two, one):
         assert json.loads((output_dir / "all_results.json").read_text())["skipped_images"][0].startswith(
             f"train: {bad} (")
     assert weights_gap(two, one) <= 1e-6
-
-
-def test_a_resume_at_an_epoch_end_starts_the_next_epoch_afresh(tmp_path):
-    """A checkpoint at the end of an epoch (its loader finished) resumes into a whole next epoch."""
-    data = tmp_path / "data"
-    image_folder(data, count=40, truncated=37)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--checkpointing_steps", "epoch", "--skip_bad_images")
-    train_here(*arguments(data, straight, 16, *common, "--max_train_steps", 7))  # 3 steps an epoch, then 1
-    shutil.copytree(straight / "epoch_1", resumed / "epoch_1")
-    train_here(*arguments(data, resumed, 16, *common, "--max_train_steps", 7, "--resume_from_checkpoint", "latest"))
-    assert weights_gap(straight, resumed) == 0.0
 
 
 # ---- streamed data (--streaming) ------------------------------------------------------------------------------------
