@@ -10,6 +10,7 @@ import shutil
 
 import datasets
 import numpy as np
+import pyarrow.parquet
 import pytest
 import torch
 from accelerate.data_loader import SeedableRandomSampler
@@ -20,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from conftest import REPOSITORY, run_python
 from modeling_ffvt.data import collate_images
+from modeling_ffvt.inputs import InputError
 from modeling_ffvt.splits import prepare_splits
 from modeling_ffvt.streaming import StreamedImages, load_streamed_splits
 from train_hf import main as train_main
@@ -222,3 +224,15 @@ def test_a_streamed_resume_mid_epoch_is_exact_without_a_buffer_and_off_by_at_mos
     seen = before + [label for batch in loader for label in batch["labels"].tolist()]
     missed, repeated = 64 - len(set(seen)), len(seen) - len(set(seen))
     assert 0 < missed <= 8 and repeated <= 8, (missed, repeated)
+
+
+def test_streamed_labels_need_class_names_and_uneven_shards_are_announced(tmp_path, caplog):
+    data = parquet_shards(tmp_path / "data")
+    load_streamed_splits(str(data), num_processes=3)  # 4 shards: no process count but 1, 2 and 4 shares them
+    assert "has 4 shards, which 3 processes cannot share evenly" in caplog.text
+    bare = tmp_path / "bare"  # the same files without the features datasets records in them: integer labels
+    bare.mkdir()
+    for path in data.glob("*.parquet"):
+        pyarrow.parquet.write_table(pyarrow.parquet.read_table(path).replace_schema_metadata(None), bare / path.name)
+    with pytest.raises(InputError, match="takes the class names from the 'label' column's ClassLabel"):
+        load_streamed_splits(str(bare))
