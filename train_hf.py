@@ -540,7 +540,7 @@ def make_dataloaders(args, data, config, accelerator, resize_size):
     splits = data.splits
     train_dataset, eval_dataset = (
         ImageClassificationDataset(
-            splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed, shape,
+            splits[name], args.image_column_name, splits[name][args.label_column_name][:], transform, args.seed, shape,
             name,
         )
         for name, transform in (("train", train_transform), ("validation", eval_transform))

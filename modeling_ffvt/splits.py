@@ -59,7 +59,7 @@ class PreparedSplits:
     @property
     def labels(self) -> list:
         """Every label of every split, in split then row order."""
-        return [label for split in self.splits.values() for label in split[self.label_column]]
+        return [label for split in self.splits.values() for label in split[self.label_column][:]]
 
 
 def read_data(
@@ -203,8 +203,9 @@ def prepare_splits(
 
 def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict[str, str]) -> None:
     """Raise InputError naming an image that two splits share (`names` gives each split's name for the message).
-    Files are compared by resolved path (links included); embedded images by content, since the names they keep
-    (000.png, ...) repeat across rows and classes."""
+    Files are compared by device and inode (links followed; one stat a file, where resolving a path costs one a
+    folder of it), or by resolved path when they cannot be read; embedded images by content, since the names they
+    keep (000.png, ...) repeat across rows and classes."""
     seen = {}
     for key, part in splits.items():
         entries = (entry for batch in part.select_columns([column]).iter(batch_size=256) for entry in batch[column])
@@ -213,7 +214,7 @@ def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict
                 identity = hashlib.sha256(entry["bytes"]).digest()
                 shown = f"{names[key]} row {row} ({entry['path'] or 'no file name'})"
             elif entry["path"]:
-                identity, shown = os.path.realpath(entry["path"]), entry["path"]
+                identity, shown = _file_identity(entry["path"]), entry["path"]
             else:
                 continue
             if identity in seen and seen[identity][0] != key:
@@ -223,6 +224,14 @@ def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict
                     "may be in one split only. Give data whose splits do not overlap."
                 )
             seen.setdefault(identity, (key, shown))
+
+
+def _file_identity(path: str):
+    try:
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
+    except OSError:  # a missing file is found unreadable where it is loaded
+        return os.path.realpath(path)
 
 
 def find_unreadable_rows(
