@@ -20,7 +20,7 @@ import resource
 import shlex
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -35,12 +35,21 @@ from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from huggingface_hub import create_repo, upload_folder, whoami
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.checkpoints import PROGRESS_FILE, check_resume_flags, method_flags, prune_checkpoints
-from modeling_ffvt.data import RECIPES, FGVCTransform, ImageClassificationDataset, ProcessorTransform
+from modeling_ffvt.data import (
+    IGNORE_INDEX,
+    RECIPES,
+    FGVCTransform,
+    ImageClassificationDataset,
+    ProcessorTransform,
+    collate_images,
+)
+from modeling_ffvt.data_loading import UnreadableImages, load_loader_state, save_loader_state
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
@@ -61,11 +70,17 @@ from modeling_ffvt.parameter_efficient import (
     parameter_counts,
     save_peft_model,
 )
-from modeling_ffvt.splits import PreparedSplits, check_labels, drop_unreadable_images, encode_labels, prepare_splits
+from modeling_ffvt.splits import PreparedSplits, check_labels, encode_labels, prepare_splits
+from modeling_ffvt.streaming import (
+    StreamedImages,
+    StreamedLoader,
+    StreamedSplits,
+    load_streamed_splits,
+    on_every_process,
+)
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 # A 4-layer, 64-wide FFVT on 32 px digits: reaches >= 0.90 top-1 in a few CPU minutes. Each 4 px patch is one
 # pixel of the 8x8 original, so where a patch sits is all the model has to go on: position embeddings drawn with
 # std 1 rather than 0.02 let SGD tell them apart within 600 steps (0.35 top-1 with 0.02, 0.94 with 1).
@@ -132,6 +147,11 @@ def parse_args(argv=None):
     data.add_argument("--recipe", choices=RECIPES, default="cub", help="Augmentation; plain = evaluation transform.")
     data.add_argument("--resize_size", type=int, help="Square resize before cropping (default: the paper's ratio).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that load and augment.")
+    data.add_argument(
+        "--streaming", action="store_true",
+        help="Read --dataset_name as it is needed rather than whole (needs --max_train_steps; docs/training.md).",
+    )
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Examples a streamed shuffle mixes.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="An FFVT or ViT folder or Hub id to start from.")
@@ -216,6 +236,11 @@ def parse_args(argv=None):
         parser.error("Give the data: --dataset_name, --train_dir (with --validation_dir) or --demo.")
     if args.dataset_config_name is not None and args.dataset_name is None:
         parser.error("--dataset_config_name chooses a subset of --dataset_name: give --dataset_name too.")
+    if args.streaming and args.dataset_name is None:
+        parser.error("--streaming reads --dataset_name: give the data that way (a folder too), or drop --streaming.")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming: give --max_train_steps, since a stream's length (and so an epoch's steps) is not "
+                     "known before it is read.")
     if args.model_name_or_path and args.vit_npz:
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
@@ -269,6 +294,7 @@ FLAG_BOUNDS = {
     "max_eval_samples": (0, True),
     "num_warmup_steps": (0, True),
     "dataloader_num_workers": (0, True),
+    "shuffle_buffer_size": (1, True),
     "learning_rate": (0, False),
     "max_grad_norm": (0, False),
     "weight_decay": (0, True),
@@ -442,20 +468,29 @@ def prepare_data(args) -> PreparedSplits:
     return data
 
 
-def load_data(args, accelerator) -> tuple[PreparedSplits, list[str] | None]:
-    """The run's splits, without unreadable images (refused, or dropped with --skip_bad_images) and with class ids
-    for labels, and the class names (None for integer labels); ffvt-compare evaluates on the very same split."""
+def load_data(args, accelerator) -> tuple[PreparedSplits | StreamedSplits, list[str] | None]:
+    """The run's splits (this process's streams with --streaming) with class ids for labels, and the class names
+    (None for integer labels); ffvt-compare evaluates on the very same split."""
+    if args.streaming:
+        data = stream_data(args, accelerator)
+        return data, data.class_names
     with accelerator.main_process_first():
         if args.demo:
             make_digits_folder(args.demo_data_dir)
         data = prepare_data(args)
-    # Decoded for the size training resizes to, when the flags already say it (the model is not loaded yet); at full
-    # size otherwise, which rejects whatever a reduced decode would.
-    resize = args.resize_size or (args.image_size and default_resize_size(args.image_size))
-    skipped = drop_unreadable_images(data, args.skip_bad_images, accelerator, (resize, resize) if resize else None)
-    if skipped:
-        logger.warning(f"Skipped {skipped} unreadable images")
     return data, encode_labels(data, data_set_title(args))
+
+
+def stream_data(args, accelerator) -> StreamedSplits:
+    """This process's shares of the streamed train and evaluated splits of --dataset_name
+    (modeling_ffvt.streaming.load_streamed_splits)."""
+    return load_streamed_splits(
+        args.dataset_name, image_column=args.image_column_name, label_column=args.label_column_name,
+        eval_split=args.eval_split, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        dataset_config_name=args.dataset_config_name,
+    )
 
 
 def load_model(args, names, labels):
@@ -554,10 +589,10 @@ def choose_cpu_threads(args, accelerator):
         torch.set_num_threads(1)
 
 
-def make_dataloaders(args, splits, config, accelerator, resize_size):
-    """(image processor to save, train and validation DataLoaders): training through the recipe's augmentation,
-    validation through the very processor saved beside the model, on fully decoded images (what `pipeline` gives, so
-    the card's numbers are a user's); both resize to `resize_size` before cropping."""
+def make_transforms(args, config, resize_size):
+    """(image processor to save, training transform, evaluation transform): training through the recipe's
+    augmentation, evaluation through the very processor saved beside the model, on fully decoded images (what
+    `pipeline` gives, so the card's numbers are a user's); both resize to `resize_size` before cropping."""
     # The normalisation of the checkpoint training starts from (its own processor's, or its backbone family's).
     mean, std = image_normalization(args.vit_npz or args.model_name_or_path)
     processor = make_image_processor(config.image_size, resize_size, mean, std)
@@ -566,13 +601,36 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
         ProcessorTransform(processor, reduced_decoding=True) if args.recipe == "plain"
         else FGVCTransform(args.recipe, config.image_size, resize_size, True, mean, std)
     )
+    return processor, train_transform, eval_transform
+
+
+def make_dataloaders(args, data, config, accelerator, resize_size):
+    """(image processor to save, train and validation DataLoaders) of `data` (PreparedSplits, or StreamedSplits for
+    --streaming, whose loaders are this process's already and put batches on its device)."""
+    processor, train_transform, eval_transform = make_transforms(args, config, resize_size)
+    # An unreadable image is found where a worker decodes it, and stands in its batch as zeros without a label.
+    shape = (3, config.image_size, config.image_size)
+    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
+                   collate_fn=collate_images)
+    if args.streaming:
+        train_dataloader, eval_dataloader = (
+            StreamedLoader(StatefulDataLoader(
+                StreamedImages(split, args.image_column_name, args.label_column_name, transform, shape, args.seed,
+                               name),
+                batch_size=batch_size, **options), accelerator.device)
+            for name, split, transform, batch_size in (
+                ("train", data.train, train_transform, args.per_device_train_batch_size),
+                ("validation", data.validation, eval_transform, args.per_device_eval_batch_size))
+        )
+        return processor, train_dataloader, eval_dataloader
+    splits = data.splits
     train_dataset, eval_dataset = (
         ImageClassificationDataset(
-            splits[name], args.image_column_name, splits[name][args.label_column_name], transform, args.seed
+            splits[name], args.image_column_name, splits[name][args.label_column_name][:], transform, args.seed, shape,
+            name,
         )
         for name, transform in (("train", train_transform), ("validation", eval_transform))
     )
-    options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=args.per_device_train_batch_size, **options)
     eval_dataloader = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, **options)
     return processor, train_dataloader, eval_dataloader
@@ -580,10 +638,13 @@ def make_dataloaders(args, splits, config, accelerator, resize_size):
 
 def make_optimizer(args, model, train_dataloader, accelerator):
     """SGD with momentum 0.9 and the warm-up-then-decay schedule, for --max_train_steps (or --num_train_epochs when
-    not given). Returns (optimizer, scheduler, optimiser steps per epoch, optimiser steps of the run)."""
-    # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
-    batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    not given). Returns (optimizer, scheduler, optimiser steps per epoch (None for a stream, whose length is not
+    known), optimiser steps of the run)."""
+    steps_per_epoch = None
+    if not args.streaming:
+        # What accelerate.prepare will leave each process: ceil(batches / processes), as ceilings nest.
+        batches_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
@@ -606,7 +667,7 @@ class Plan:
 
     resize_size: int
     max_train_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None for streamed data
     evaluated: str  # the split evaluated, as the data names it, or the part held out of train
     held_out: float | None  # the fraction of train held out for evaluation, if that is what was evaluated
     method: TrainingMethod
@@ -641,13 +702,15 @@ def schedule_description(warmup_steps, total_steps, kind, learning_rate) -> str:
 @dataclass
 class Progress:
     """Where a run stands, written beside each checkpoint so that a resumed run starts exactly there: optimiser steps
-    done, the position in the data (epoch, batches of it done), and the evaluation results of the saved model."""
+    done, the position in the data (epoch, batches of it done), the evaluation results of the saved model, and the
+    unreadable images --skip_bad_images has left out so far."""
 
     completed_steps: int = 0
     epoch: int = 0
     batches_done: int = 0
     best: dict | None = None
     written_with: dict | None = None  # the method flags (modeling_ffvt.checkpoints.method_flags) and fusion
+    skipped_images: list[str] = field(default_factory=list)
 
 
 class LossWindow:
@@ -671,11 +734,13 @@ class LossWindow:
         return stats
 
 
-def save_checkpoint(accelerator, output_dir, name, progress: Progress, total_limit=None):
+def save_checkpoint(accelerator, output_dir, name, progress: Progress, train_dataloader, total_limit=None):
     """Save the training state in output_dir/name, then keep only the newest `total_limit` checkpoints (all without
     a limit)."""
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
+    if isinstance(train_dataloader, StreamedLoader):  # a stream's position is its loader's; map-style's is a count
+        save_loader_state(folder, train_dataloader, accelerator.process_index)
     if accelerator.is_main_process:
         Path(folder, PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
         if total_limit:
@@ -683,9 +748,10 @@ def save_checkpoint(accelerator, output_dir, name, progress: Progress, total_lim
                 logger.info(f"Deleted {old} (--checkpoints_total_limit {total_limit})")
 
 
-def resume(accelerator, folder, output_dir) -> Progress:
+def resume(accelerator, folder, output_dir, train_dataloader) -> Progress:
     """Load a checkpoint (or the most advanced one in output_dir for "latest") and return where its run stood, read
-    from the checkpoint's own record rather than its folder's name."""
+    from the checkpoint's own record rather than its folder's name. In the middle of a streamed epoch, each
+    process's data loader takes the position it saved (map-style data skips `batches_done`, see train_one_epoch)."""
     folder = latest_checkpoint(output_dir) if folder == "latest" else folder
     try:
         accelerator.load_state(folder)
@@ -695,6 +761,8 @@ def resume(accelerator, folder, output_dir) -> Progress:
             f"({first_line(error)}): resume it with the start model, image size and method flags it was written with."
         ) from None
     progress = Progress(**json.loads(Path(folder, PROGRESS_FILE).read_text()))
+    if progress.batches_done and isinstance(train_dataloader, StreamedLoader):  # an ended epoch restarts afresh
+        load_loader_state(folder, train_dataloader, accelerator.process_index, accelerator.num_processes)
     logger.info(f"Resumed from {folder} at step {progress.completed_steps}")
     return progress
 
@@ -706,19 +774,23 @@ def latest_checkpoint(output_dir):
     return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
 
 
-def validate(model, dataloader, accelerator, metric) -> dict:
-    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split."""
-    ranked = rank_classes(model, dataloader, accelerator)
+def validate(model, dataloader, accelerator, metric, unreadable: UnreadableImages) -> dict:
+    """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split, but for
+    the unreadable images --skip_bad_images leaves out (`unreadable` stops the run on them otherwise)."""
+    ranked = rank_classes(model, unreadable.checked(accelerator, dataloader), accelerator,
+                          even=not isinstance(dataloader, StreamedLoader))
+    kept = [row for row, label in enumerate(ranked["references"]) if label != IGNORE_INDEX]
+    ranked = {key: [values[row] for row in kept] for key, values in ranked.items()}
     scores = metric.compute(predictions=ranked["rankings"], references=ranked["references"])
     return {**{f"eval_{name}": value for name, value in scores.items()}, "eval_loss": float(np.mean(ranked["losses"]))}
 
 
-def evaluate_and_keep_best(
-    args, accelerator, model, eval_dataloader, metric, processor, progress: Progress, plan: Plan
-) -> dict:
+def evaluate_and_keep_best(args, accelerator, run: "Prepared", metric, processor, progress: Progress) -> dict:
     """Evaluate; when top-1 improved (or nothing is saved in output_dir yet, as after a resume into another folder),
     save the model, its processor, all_results.json and the card. Returns the evaluation's results."""
-    results = {**validate(model, eval_dataloader, accelerator, metric), "step": progress.completed_steps}
+    model, plan = run.model, run.plan
+    results = {**validate(model, run.eval_dataloader, accelerator, metric, run.unreadable),
+               "step": progress.completed_steps}
     if progress.best is None or results["eval_accuracy"] > progress.best["eval_accuracy"] or not Path(
         args.output_dir, "model.safetensors"
     ).exists():
@@ -726,7 +798,8 @@ def evaluate_and_keep_best(
         save_model(accelerator, model, processor, args.output_dir,
                    args.model_name_or_path if is_hub_id(args.model_name_or_path) else None, DTYPES[args.save_dtype])
         if accelerator.is_main_process:
-            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results, {}, plan)
+            write_results_and_card(args, accelerator, accelerator.unwrap_model(model).config, results,
+                                   {"skipped_images": progress.skipped_images}, plan)
     model.train()
     return results
 
@@ -773,6 +846,7 @@ class Prepared:
     train_dataloader: DataLoader
     eval_dataloader: DataLoader
     plan: Plan
+    unreadable: UnreadableImages
 
 
 def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
@@ -780,7 +854,7 @@ def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress
     log = {**window.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
            "peak_memory_mb": peak_memory_mb(accelerator.device)}
     log.update(
-        evaluate_and_keep_best(args, accelerator, run.model, run.eval_dataloader, metric, processor, progress, run.plan)
+        evaluate_and_keep_best(args, accelerator, run, metric, processor, progress)
     )
     logger.info(f"step {progress.completed_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
     if args.with_tracking:
@@ -796,17 +870,24 @@ def accumulation_windows(batches, size):
 
 def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow, bar):
     """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps,
-    evaluating and saving checkpoints when their steps come."""
+    evaluating and saving checkpoints when their steps come. A resumed data loader continues from the position the
+    checkpoint saved."""
     epoch, first_batch, dataloader = progress.epoch, progress.batches_done, run.train_dataloader
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
-    batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch else dataloader
+    length, steps_before = None if args.streaming else len(dataloader), progress.completed_steps
+    # A resumed stream continues from its loaded position. A map-style epoch skips the sampler's indices of the
+    # batches done, loading none of them (torchdata's stateful loader would replay the same indices, and tie the
+    # checkpoint to the number of workers).
+    batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch and length else dataloader
     # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
-    for accumulation in accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps):
+    windows = accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps)
+    for accumulation in on_every_process(accelerator, windows) if args.streaming else windows:
+        run.unreadable.check(accelerator, [batch for _, batch in accumulation])
         window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
         window.images += sum(len(batch["labels"]) for _, batch in accumulation) * accelerator.num_processes
         done = accumulation[-1][0] + 1
-        progress.epoch, progress.batches_done = (epoch + 1, 0) if done == len(dataloader) else (epoch, done)
+        progress.epoch, progress.batches_done = (epoch + 1, 0) if done == length else (epoch, done)
         progress.completed_steps += 1
         window.steps += 1
         bar.update(1)
@@ -814,11 +895,17 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
         if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
             log_evaluation(args, accelerator, run, metric, processor, progress, window)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, dataloader,
+                            args.checkpoints_total_limit)
         if steps >= run.plan.max_train_steps:
             return
+    if progress.completed_steps == steps_before and not first_batch:  # else the run would wait for ever
+        raise InputError(f"The train split of {args.dataset_name} gave no batch to every process: stream more "
+                         "examples than processes, or drop --streaming.")
+    progress.epoch, progress.batches_done = epoch + 1, 0  # a stream's end is known only once it is met
     if args.checkpointing_steps == "epoch":
-        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, args.checkpoints_total_limit)
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, dataloader,
+                        args.checkpoints_total_limit)
 
 
 def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
@@ -840,8 +927,9 @@ def train(args, accelerator, run: Prepared, processor, progress: Progress) -> di
         "train_runtime": runtime,
         "train_samples_per_second": (progress.completed_steps - first_step) * total_batch_size / runtime,
         "train_steps": progress.completed_steps,
-        "epoch": progress.completed_steps / run.plan.steps_per_epoch,
+        "epoch": progress.completed_steps / run.plan.steps_per_epoch if run.plan.steps_per_epoch else progress.epoch,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "skipped_images": progress.skipped_images,
     }
 
 
@@ -906,6 +994,9 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
         "mixed precision": accelerator.mixed_precision,
         "seed": args.seed,
     }
+    if args.streaming:
+        hyperparameters["data loading"] = (f"streamed (datasets' streaming mode), shuffle buffer of "
+                                           f"{args.shuffle_buffer_size} examples")
     write_model_card(
         args.output_dir,
         repo_id=args.hub_model_id or Path(args.output_dir).absolute().name,
@@ -1022,9 +1113,10 @@ def main(argv=None):
 
     data, names = load_data(args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)  # after the data's checks, so that a refusal leaves no folder
-    splits = data.splits
-    model = load_model(args, names, data.labels)
-    check_labels(data.labels, model.config.num_labels)
+    labels = None if args.streaming else data.labels  # a stream's labels are known only as it is read
+    model = load_model(args, names, labels)
+    if labels is not None:
+        check_labels(labels, model.config.num_labels)
     if args.gradient_checkpointing:
         # Newer transformers name it activation checkpointing; the old name warns there and goes in v6.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -1035,20 +1127,25 @@ def main(argv=None):
         raise SystemExit(str(error)) from None
     config = model.config  # the prepared model may be wrapped (DDP, FSDP), which hides it
     resize_size = args.resize_size or default_resize_size(config.image_size)
-    processor, train_dataloader, eval_dataloader = make_dataloaders(args, splits, config, accelerator, resize_size)
+    processor, train_dataloader, eval_dataloader = make_dataloaders(args, data, config, accelerator, resize_size)
     optimizer, lr_scheduler, steps_per_epoch, max_train_steps = make_optimizer(
         args, model, train_dataloader, accelerator
     )
     plan = Plan(resize_size, max_train_steps, steps_per_epoch, data.evaluated, data.held_out, method,
                 parameter_counts(model))
-    run = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader), plan)
+    if args.streaming:  # already this process's share
+        prepared = (*accelerator.prepare(model, optimizer, lr_scheduler), train_dataloader, eval_dataloader)
+    else:
+        prepared = accelerator.prepare(model, optimizer, lr_scheduler, train_dataloader, eval_dataloader)
     if args.with_tracking:
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(splits['train'])} train, {len(splits['validation'])} validation")
-    logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
+    if not args.streaming:
+        logger.info(f"  Num examples = {len(data.splits['train'])} train, {len(data.splits['validation'])} "
+                    "validation")
+        logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
     logger.info(f"  Trainable parameters = {plan.parameter_counts['trainable_parameters']:,} of "
@@ -1056,12 +1153,14 @@ def main(argv=None):
 
     progress = Progress()
     if args.resume_from_checkpoint:
-        progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+        progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir, prepared[3])
     progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion}
+    run = Prepared(*prepared, plan, UnreadableImages(args.skip_bad_images, progress.skipped_images))
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()
     if accelerator.is_main_process:
-        validation_image = splits["validation"][0][args.image_column_name]
+        first = next(iter(data.validation)) if args.streaming else data.splits["validation"][0]
+        validation_image = first[args.image_column_name]
         finish(args, accelerator, config, progress, train_metrics, validation_image, plan)
 
 

@@ -122,6 +122,9 @@ def check_train_flags(train, flags, output_dir) -> argparse.Namespace:
         names = ", ".join(f"--{name}" for name in given)
         raise InputError(f"{names}: ffvt-compare sets {'it' if len(given) == 1 else 'them'} for each run; drop "
                          f"{'it' if len(given) == 1 else 'them'} from the train_hf.py flags after --.")
+    if args.streaming:  # both arms are scored image by image on one split, read whole
+        raise InputError("--streaming: ffvt-compare scores both arms of a seed on the same split, read whole; train "
+                         "without --streaming (a local copy of the data, or parquet shards read as they are).")
     return args
 
 

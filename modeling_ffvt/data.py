@@ -369,11 +369,19 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     `transform(image, sample_generator(seed, epoch, index))`, and `labels[index]`, a class id.
 
     The generator makes augmentation independent of the number of workers or processes, and of resumption.
+
+    An image that `load_rgb` rejects is found here, in the data-loader worker that decodes it anyway, rather than by
+    decoding every image before training: its row comes out as zeros of `image_shape` (channels, height, width)
+    labelled `IGNORE_INDEX`, which weighs nothing in the loss, with "unreadable" naming it ("split_name: path", or
+    "split_name row N (file name)" for an embedded image). Batches keep their size, so accumulation windows and
+    checkpoints fall where they would without it; `UnreadableImages` decides whether the run stops or goes on.
     """
 
-    def __init__(self, split, image_column: str, labels: list[int], transform, seed: int = 0):
+    def __init__(self, split, image_column: str, labels: list[int], transform, seed: int = 0,
+                 image_shape: tuple[int, int, int] | None = None, split_name: str = "train"):
         self.split, self.image_column, self.labels = split, image_column, labels
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.image_shape, self.split_name = image_shape, split_name
 
     def set_epoch(self, epoch: int):
         # DataLoader workers copy the dataset when an epoch's iteration starts, so they see this (hence no
@@ -384,5 +392,36 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
-        image = self.transform(self.split[index][self.image_column], sample_generator(self.seed, self.epoch, index))
+        entry = self.split[index][self.image_column]
+        try:
+            image = self.transform(entry, sample_generator(self.seed, self.epoch, index))
+        except UnreadableImageError as error:
+            if self.image_shape is None:
+                raise
+            return unreadable_sample(self.image_shape, unreadable_name(entry, self.split_name, index), error.reason)
         return {"pixel_values": image, "labels": self.labels[index]}
+
+
+IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
+
+
+def unreadable_name(entry, split_name: str, row: int) -> str:
+    """How messages name an image: "split: path" for a file, "split row N (file name)" for an embedded image, whose
+    recorded names repeat across rows."""
+    if isinstance(entry, dict) and entry.get("bytes") is not None:
+        return f"{split_name} row {row} ({entry.get('path') or 'no file name'})"
+    return f"{split_name}: {_encoded_image(entry)[0]}"
+
+
+def unreadable_sample(image_shape, name: str, reason: str) -> dict:
+    """The sample that stands for an unreadable image: zero pixels, no label, and its name and reason."""
+    return {"pixel_values": torch.zeros(image_shape), "labels": IGNORE_INDEX, "unreadable": f"{name} ({reason})"}
+
+
+def collate_images(samples: list[dict]) -> dict:
+    """torch's default collation of "pixel_values" and "labels", and "unreadable": the list of the names of the
+    batch's unreadable images (see `ImageClassificationDataset`), empty for most batches."""
+    batch = torch.utils.data.default_collate([{key: sample[key] for key in ("pixel_values", "labels")}
+                                              for sample in samples])
+    batch["unreadable"] = [sample["unreadable"] for sample in samples if "unreadable" in sample]
+    return batch

@@ -1,5 +1,6 @@
 """Data preparation shared by train_hf.py and ffvt-evaluate: read the data, choose the split to evaluate, check its
-columns and that splits do not overlap, find unreadable images and turn labels into class ids.
+columns and that splits do not overlap, find unreadable images (for ffvt-evaluate; training finds them where its
+data loader decodes them) and turn labels into class ids.
 
 Everything here runs before a model exists and raises `InputError` naming the flag, folder, split, row or column
 involved; the commands print that message alone.
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from accelerate.utils import broadcast_object_list
 
 from .data import find_unreadable_images
 from .inputs import (
@@ -64,7 +64,8 @@ class PreparedSplits:
     @property
     def labels(self) -> list:
         """Every label of every split, in split then row order, then `left_out_classes`: what a new head must hold."""
-        return [label for split in self.splits.values() for label in split[self.label_column]] + self.left_out_classes
+        rows = [label for split in self.splits.values() for label in split[self.label_column][:]]
+        return rows + self.left_out_classes
 
 
 def read_data(
@@ -235,6 +236,11 @@ def prepare_splits(
             elif missed:
                 notes.append(f"{flag} {limit} keeps no image of {len(missed)} classes of the {evaluated} split "
                              f"({_shown(missed)}): they are not scored. Raise {flag} to score them.")
+    for key, part in splits.items():
+        if len(part) == 0:
+            raise InputError(
+                f"The {key} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
+            )
     undecoded = datasets.Image(decode=False)
     splits = {key: part.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
               for key, part in splits.items()}
@@ -246,8 +252,9 @@ def prepare_splits(
 
 def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict[str, str]) -> None:
     """Raise InputError naming an image that two splits share (`names` gives each split's name for the message).
-    Files are compared by resolved path (links included); embedded images by content, since the names they keep
-    (000.png, ...) repeat across rows and classes."""
+    Files are compared by device and inode (links followed; one stat a file, where resolving a path costs one a
+    folder of it), or by resolved path when they cannot be read; embedded images by content, since the names they
+    keep (000.png, ...) repeat across rows and classes."""
     seen = {}
     for key, part in splits.items():
         entries = (entry for batch in part.select_columns([column]).iter(batch_size=256) for entry in batch[column])
@@ -256,7 +263,7 @@ def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict
                 identity = hashlib.sha256(entry["bytes"]).digest()
                 shown = f"{names[key]} row {row} ({entry['path'] or 'no file name'})"
             elif entry["path"]:
-                identity, shown = os.path.realpath(entry["path"]), entry["path"]
+                identity, shown = _file_identity(entry["path"]), entry["path"]
             else:
                 continue
             if identity in seen and seen[identity][0] != key:
@@ -266,6 +273,14 @@ def check_disjoint(splits: dict[str, datasets.Dataset], column: str, names: dict
                     "may be in one split only. Give data whose splits do not overlap."
                 )
             seen.setdefault(identity, (key, shown))
+
+
+def _file_identity(path: str):
+    try:
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
+    except OSError:  # a missing file is found unreadable where it is loaded
+        return os.path.realpath(path)
 
 
 def find_unreadable_rows(
@@ -280,36 +295,6 @@ def find_unreadable_rows(
     named = ({**entry, "path": name} for entry, name in zip(entries, names))
     reasons = dict(find_unreadable_images(named, target_size=target_size))
     return [(row, name, reasons[name]) for row, name in enumerate(names) if name in reasons]
-
-
-def drop_unreadable_images(prepared: PreparedSplits, skip: bool, accelerator, target_size=None) -> int:
-    """Decode every image once (for `target_size`, see `find_unreadable_rows`), on the main process (the others
-    learn the result): raise InputError naming the bad ones, or with `skip` (--skip_bad_images) drop them from
-    `prepared.splits` and return how many were dropped. Raises InputError for a split left empty."""
-    found = None
-    if accelerator.is_main_process:
-        found = {key: find_unreadable_rows(part, prepared.image_column, key, target_size)
-                 for key, part in prepared.splits.items()}
-    found = broadcast_object_list([found])[0]
-    # A file is named "split: path"; an embedded image's name ("split row N (file name)") already names its split.
-    bad = [f"  {name if name.startswith(f'{key} row ') else f'{key}: {name}'} ({reason})"
-           for key, rows in found.items() for _, name, reason in rows]
-    if bad and not skip:
-        raise InputError(
-            f"{len(bad)} unreadable images:\n" + "\n".join(bad) + "\nFix or remove them, or pass --skip_bad_images "
-            "to train without them."
-        )
-    for key, rows in found.items():
-        bad_rows = {row for row, _, _ in rows}
-        if bad_rows:
-            part = prepared.splits[key]
-            prepared.splits[key] = part.select([row for row in range(len(part)) if row not in bad_rows])
-    for key, part in prepared.splits.items():
-        if len(part) == 0:
-            raise InputError(
-                f"The {key} split is empty: give it images (and check --max_train_samples, --max_eval_samples)."
-            )
-    return len(bad)
 
 
 def encode_labels(prepared: PreparedSplits, data: str) -> list[str] | None:

@@ -209,7 +209,7 @@ def test_predict_and_evaluate_list_an_image_over_the_bound(folder_with_a_huge_im
     assert capsys.readouterr().out == ""
 
 
-def test_train_hf_names_an_image_over_the_bound_before_step_1_or_skips_it(folder_with_a_huge_image, capsys):
+def test_train_hf_names_an_image_over_the_bound_or_skips_it(folder_with_a_huge_image, capsys):
     from test_train_hf import SMALL_MODEL, stopped
 
     from train_hf import main as train_main

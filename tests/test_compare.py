@@ -292,6 +292,9 @@ def test_unusable_commands_are_explained(tmp_path, capsys):
         compare.main(["--output_dir", str(tmp_path), "--train_script", str(tmp_path / "train_hf.py"), "--", "--demo"])
     with pytest.raises(SystemExit, match="--seed: ffvt-compare sets it"):
         compare.main(["--output_dir", str(tmp_path), "--", "--demo", "--seed", "3"])
+    with pytest.raises(SystemExit, match="--streaming: ffvt-compare scores both arms of a seed on the same split"):
+        compare.main(["--output_dir", str(tmp_path), "--", "--dataset_name", str(tmp_path), "--streaming",
+                      "--max_train_steps", "2", "--config_name", json.dumps({"num_hidden_layers": 2})])
     with pytest.raises(SystemExit):
         compare.main(["--output_dir", str(tmp_path), "--seeds", "0"])
     assert "give train_hf.py's flags after --" in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""Large data sets (docs/training.md, "Large data sets"): unreadable images found where the data loader decodes them
+rather than before the first step; streamed data, split over processes and resumed in the middle of an epoch.
+
+Images are 8 x 8 and the model two layers of width 16, so that 1,000 images make an epoch of a second or two.
+"""
+
+import io
+import json
+import shutil
+
+import datasets
+import numpy as np
+import pyarrow.parquet
+import pytest
+import torch
+from accelerate.data_loader import SeedableRandomSampler
+from accelerate.state import AcceleratorState
+from PIL import Image
+from safetensors.torch import load_file
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from conftest import REPOSITORY, run_python
+from modeling_ffvt.data import collate_images
+from modeling_ffvt.inputs import InputError
+from modeling_ffvt.splits import prepare_splits
+from modeling_ffvt.streaming import StreamedImages, load_streamed_splits
+from train_hf import main as train_main
+
+MODEL = json.dumps(dict(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        patch_size=4, image_size=8, num_token=1, hidden_dropout_prob=0.1))
+TRUNCATED = 637  # the training image cut short
+
+
+def image_folder(root, count=1000, truncated=TRUNCATED):
+    """`count` random 8 x 8 PNGs in two class folders as root/train, four in root/validation; the path and the bytes
+    of training image `truncated`, whose file is cut in half."""
+    rng = np.random.default_rng(0)
+    for split, number in (("train", count), ("validation", 4)):
+        for index in range(number):
+            folder = root / split / "ab"[index % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{index:04d}.png")
+    bad = root / "train" / "ab"[truncated % 2] / f"{truncated:04d}.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    return bad, good
+
+
+def step_meeting(data, path, batch_size):
+    """The optimiser step (from 1) of a one-process run's first epoch whose batch holds `path`: its row in the train
+    split as read, placed by the order accelerate's seedable sampler draws for the seed (42) and epoch 0."""
+    split = prepare_splits(train_dir=str(data / "train"), validation_dir=str(data / "validation")).splits["train"]
+    rows = [entry["path"] for entry in split["image"]]
+    sampler = SeedableRandomSampler(data_source=range(len(rows)), data_seed=42)
+    sampler.set_epoch(0)
+    return list(sampler).index(rows.index(str(path))) // batch_size + 1
+
+
+def arguments(data, output_dir, batch_size, *extra):
+    return [str(arg) for arg in (
+        "--train_dir", data / "train", "--validation_dir", data / "validation", "--config_name", MODEL,
+        "--recipe", "cub", "--resize_size", 10, "--per_device_train_batch_size", batch_size, "--max_train_steps", 4,
+        "--num_warmup_steps", 0, "--learning_rate", 0.1, "--output_dir", output_dir, *extra)]
+
+
+def train_here(*argv):
+    try:
+        train_main(list(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def weights_gap(first, second):
+    first, second = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert first.keys() == second.keys()
+    return max((first[key] - second[key]).abs().max().item() for key in first)
+
+
+def test_a_truncated_image_stops_the_run_when_met_and_the_checkpoint_before_resumes_exactly(tmp_path, capsys):
+    """Without --skip_bad_images: one line naming the file, the checkpoints before it untouched; once the file is
+    fixed, a resume from the last of them (mid-epoch, two data-loader workers) ends with the weights of a run that
+    never met a bad file."""
+    data = tmp_path / "data"
+    bad, good = image_folder(data)
+    common = ("--checkpointing_steps", 1, "--dataloader_num_workers", 2)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as stop:
+        train_here(*arguments(data, stopped, 250, *common))
+    message = str(stop.value.code)
+    assert message.startswith(f"Unreadable image: train: {bad} (") and "\n" not in message
+    assert "--skip_bad_images" in message
+    assert "Traceback" not in capsys.readouterr().err
+    # The stop comes before the step that would have used the image: the steps before it are saved, it is not.
+    met = step_meeting(data, bad, 250)
+    assert 1 < met <= 4
+    assert sorted(path.name for path in stopped.glob("step_*")) == sorted(f"step_{step}" for step in range(1, met))
+
+    bad.write_bytes(good)
+    train_here(*arguments(data, stopped, 250, *common, "--resume_from_checkpoint", "latest"))
+    straight = tmp_path / "straight"
+    train_here(*arguments(data, straight, 250, *common))
+    assert weights_gap(stopped / "step_4", straight / "step_4") == 0.0
+
+
+def test_skip_bad_images_leaves_the_image_out_on_every_process_alike(tmp_path):
+    """With --skip_bad_images on two processes (batches of 250 each) the image is left out, each process logs it,
+    all_results.json lists it, and the weights are those of one process taking the same 500 images a step: the
+    image's row weighs nothing and each step is weighted by the labelled images present on all processes."""
+    data = tmp_path / "data"
+    bad, _ = image_folder(data)
+    two, one = tmp_path / "two", tmp_path / "one"
+    # Dropout draws depend on the process (augmentation draws do not): off, so that both layouts take the same step.
+    model = json.dumps({**json.loads(MODEL), "hidden_dropout_prob": 0})
+    without_dropout = ("--skip_bad_images", "--config_name", model)
+    run = run_python(REPOSITORY / "train_hf.py", *arguments(data, two, 250, *without_dropout), processes=2)
+    assert run.returncode == 0, run.stdout[-5000:]
+    assert run.stdout.count(f"Skipped 1 unreadable image (1 so far): train: {bad} (") == 2  # once a process
+    train_here(*arguments(data, one, 500, *without_dropout))
+    for output_dir in (two, one):
+        assert json.loads((output_dir / "all_results.json").read_text())["skipped_images"][0].startswith(
+            f"train: {bad} (")
+    assert weights_gap(two, one) <= 1e-6
+
+
+# ---- streamed data (--streaming) ------------------------------------------------------------------------------------
+
+
+def parquet_shards(root, count=64, shards=4):
+    """`count` random 8 x 8 PNGs embedded in `shards` train parquet files and 8 in a validation file. Each image's
+    label is its id (0 .. count - 1 in train, a ClassLabel of `count` classes), so batches name the examples."""
+    rng = np.random.default_rng(0)
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(num_classes=count))
+
+    def table(ids):
+        images = []
+        for _ in ids:
+            encoded = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(encoded, format="PNG")
+            images.append({"bytes": encoded.getvalue(), "path": None})
+        return datasets.Dataset.from_dict({"image": images, "label": [i % count for i in ids]}, features=features)
+
+    root.mkdir(parents=True)
+    per_shard = count // shards
+    for shard in range(shards):
+        table(range(shard * per_shard, (shard + 1) * per_shard)).to_parquet(
+            root / f"train-{shard:05d}-of-{shards:05d}.parquet")
+    table(range(8)).to_parquet(root / "validation-00000-of-00001.parquet")
+    return root
+
+
+def streamed_arguments(data, output_dir, *extra):
+    return [str(arg) for arg in (
+        "--dataset_name", data, "--streaming", "--config_name", MODEL, "--recipe", "cub", "--resize_size", 10,
+        "--per_device_train_batch_size", 8, "--num_warmup_steps", 0, "--learning_rate", 0.1,
+        "--output_dir", output_dir, *extra)]
+
+
+READ_TWO_EPOCHS = """
+import json, sys
+import train_hf
+from modeling_ffvt import FFVTConfig
+
+args = train_hf.parse_args(sys.argv[1:])
+accelerator = train_hf.make_accelerator(args)
+_, loader, _ = train_hf.make_dataloaders(args, train_hf.stream_data(args, accelerator),
+                                         FFVTConfig(**json.loads(args.config_name)), accelerator, 10)
+seen = []
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    seen.append([label for batch in loader for label in batch["labels"].tolist()])
+print("SEEN", accelerator.process_index, json.dumps(seen))
+"""
+
+
+def test_two_processes_stream_every_example_once_an_epoch(tmp_path):
+    """Two processes, two data-loader workers each, four shards: the training data loader of each process (as
+    train_hf.py builds it) reads its own examples, together all 64 once in each epoch, in a new order each epoch."""
+    data = parquet_shards(tmp_path / "data")
+    script = tmp_path / "read_two_epochs.py"
+    script.write_text(READ_TWO_EPOCHS)
+    run = run_python(script, *streamed_arguments(data, tmp_path / "out", "--max_train_steps", 1,
+                                                 "--dataloader_num_workers", 2),
+                     processes=2, env={"PYTHONPATH": str(REPOSITORY)})
+    assert run.returncode == 0, run.stdout[-5000:]
+    seen = {int(line.split(" ")[1]): json.loads(line.split(" ", 2)[2])
+            for line in run.stdout.splitlines() if line.startswith("SEEN ")}
+    assert sorted(seen) == [0, 1]
+    for epoch in range(2):
+        ids = seen[0][epoch] + seen[1][epoch]
+        assert sorted(ids) == list(range(64))  # each example once: none lost, none twice
+        assert seen[0][epoch] and seen[1][epoch]
+    assert seen[0][0] + seen[1][0] != seen[0][1] + seen[1][1]  # reshuffled
+
+
+def test_streaming_needs_max_train_steps_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(streamed_arguments(tmp_path / "no such data", tmp_path / "out"))
+    assert "--streaming: give --max_train_steps" in capsys.readouterr().err
+
+
+def test_a_streamed_resume_mid_epoch_is_exact_without_a_buffer_and_off_by_at_most_a_buffer_with_one(tmp_path):
+    """The documented guarantee: each data-loader worker resumes its shards where it had read them to; what waited in
+    its shuffle buffer is not saved (datasets refills the buffer). Without a buffer (size 1) the resumed run ends
+    with the weights of a run never stopped; with a buffer of 4 and two workers, the resumed epoch misses and
+    repeats at most 2 x 4 examples each."""
+    data = parquet_shards(tmp_path / "data")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--shuffle_buffer_size", 1)
+    train_here(*streamed_arguments(data, straight, *common))  # 8 batches an epoch: step 2 is mid-epoch
+    shutil.copytree(straight / "step_2", resumed / "step_2")
+    train_here(*streamed_arguments(data, resumed, *common, "--resume_from_checkpoint", "latest"))
+    assert weights_gap(straight / "step_4", resumed / "step_4") == 0.0
+
+    images = StreamedImages(load_streamed_splits(str(data), shuffle_buffer_size=4).train, "image", "label",
+                            lambda entry, generator: torch.zeros(3, 8, 8), (3, 8, 8))
+    options = dict(batch_size=4, collate_fn=collate_images, num_workers=2)
+    loader = StatefulDataLoader(images, **options)
+    batches = iter(loader)
+    before = [label for _ in range(3) for label in next(batches)["labels"].tolist()]
+    state = loader.state_dict()
+    del batches
+    loader = StatefulDataLoader(images, **options)
+    loader.load_state_dict(state)
+    seen = before + [label for batch in loader for label in batch["labels"].tolist()]
+    missed, repeated = 64 - len(set(seen)), len(seen) - len(set(seen))
+    assert 0 < missed <= 8 and repeated <= 8, (missed, repeated)
+
+
+def test_streamed_labels_need_class_names_and_uneven_shards_are_announced(tmp_path, caplog):
+    data = parquet_shards(tmp_path / "data")
+    load_streamed_splits(str(data), num_processes=3)  # 4 shards: no process count but 1, 2 and 4 shares them
+    assert "has 4 shards, which 3 processes cannot share evenly" in caplog.text
+    bare = tmp_path / "bare"  # the same files without the features datasets records in them: integer labels
+    bare.mkdir()
+    for path in data.glob("*.parquet"):
+        pyarrow.parquet.write_table(pyarrow.parquet.read_table(path).replace_schema_metadata(None), bare / path.name)
+    with pytest.raises(InputError, match="takes the class names from the 'label' column's ClassLabel"):
+        load_streamed_splits(str(bare))
