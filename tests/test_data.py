@@ -271,11 +271,11 @@ def test_train_hf_validates_on_what_pipeline_gives(photos, tmp_path):
     args = SimpleNamespace(
         vit_npz=None, model_name_or_path=None, recipe="plain", image_column_name="image", label_column_name="label",
         seed=0, dataloader_num_workers=0, per_device_train_batch_size=len(photos),
-        per_device_eval_batch_size=len(photos),
+        per_device_eval_batch_size=len(photos), streaming=False,
     )
     accelerator = SimpleNamespace(device=torch.device("cpu"))
-    splits = {"train": split, "validation": split}
-    processor, train, validation = make_dataloaders(args, splits, model.config, accelerator, resize_size=36)
+    data = SimpleNamespace(splits={"train": split, "validation": split})
+    processor, train, validation = make_dataloaders(args, data, model.config, accelerator, resize_size=36)
     assert processor.to_dict() == load_image_processor(tmp_path).to_dict()
     with torch.no_grad():
         probabilities = model(next(iter(validation))["pixel_values"]).logits.softmax(-1)
