@@ -486,7 +486,7 @@ def check_model_name(name: str, flag: str = "--model") -> None:
 
 # Keys any transformers configuration takes besides those its to_dict() writes: the number of classes (written as
 # id2label), the old name of dtype, and the entries save_pretrained adds for remote code.
-GENERAL_CONFIG_KEYS = frozenset({"num_labels", "torch_dtype", "auto_map", "_name_or_path"})
+GENERAL_CONFIG_KEYS = frozenset({"num_labels", "torch_dtype", "auto_map"})
 
 
 def config_keys(config_class) -> frozenset[str]:
@@ -501,7 +501,9 @@ def check_config_keys(values: dict, config_class, source: str, docs: str) -> Non
     and the default is built. `source` names where the keys come from (a flag and its value), `docs` where the valid
     keys are listed."""
     valid = config_keys(config_class)
-    unknown = sorted(set(values) - valid)
+    # Keys with a leading underscore are transformers' bookkeeping (_name_or_path; _commit_hash, which 5.0 adds on
+    # reading a file), never architecture.
+    unknown = sorted(key for key in set(values) - valid if not key.startswith("_"))
     if not unknown:
         return
     described = []
