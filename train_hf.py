@@ -56,6 +56,7 @@ from modeling_ffvt.inputs import (
     InputError,
     check_config_keys,
     check_model_name,
+    counted,
     exits_on_input_error,
     is_hub_id,
     model_load_error,
@@ -1046,6 +1047,10 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
     draw_card_selection_map(args.output_dir, validation_image)
     write_results_and_card(args, accelerator, config, progress.best, train_metrics, plan)
     best = progress.best
+    if args.skip_bad_images:  # the count a user who asked to skip looks for, 0 included
+        skipped = len(progress.skipped_images)
+        logger.info(f"Skipped {counted(skipped, 'unreadable image')} in the run (--skip_bad_images)"
+                    + (": listed in all_results.json" if skipped else ""))
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
     print(next_steps(args.output_dir, validation_image.get("path"), evaluation_data_flags(args, plan)))
     if args.push_to_hub:

@@ -208,6 +208,7 @@ def test_skip_bad_images_drops_them_and_every_image_mode_trains(environment, ima
     assert "Num examples = 18 train, 5 validation" in run.stdout
     skipped = json.loads((tmp_path / "all_results.json").read_text())["skipped_images"]
     assert sorted(name.split(" (")[0] for name in skipped) == sorted([f"train: {truncated}", f"train: {empty}"])
+    assert "Skipped 2 unreadable images in the run (--skip_bad_images): listed in all_results.json" in run.stdout
     assert (tmp_path / "model.safetensors").exists()
 
 
