@@ -610,6 +610,11 @@ def load_data(
         raise subset_error(name, flag, config_name) or InputError(
             f"{flag} {name}: cannot load the data set: {error}"
         ) from None
+    except ConnectionError as error:  # offline, or the Hub unreachable: the name may be a mistyped folder
+        raise InputError(
+            f"{flag} {name}: there is no local folder of that name, and the Hub could not be asked for a data set of "
+            f"that name ({str(error).splitlines()[0]}). Check the path, or connect to use a Hub data set."
+        ) from None
     finally:
         if local:
             datasets.enable_progress_bars()

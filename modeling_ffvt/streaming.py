@@ -56,7 +56,7 @@ def load_streamed_splits(
     """
     try:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, streaming=True)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise subset_error(dataset_name, "--dataset_name", dataset_config_name) or InputError(
             f"--dataset_name {dataset_name}: cannot be streamed ({error})."
         ) from None

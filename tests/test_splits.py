@@ -508,3 +508,17 @@ def test_train_dir_refusals_suggest_the_layout_train_dir_reads(tmp_path):
         with pytest.raises(InputError) as error:
             prepare_splits(train_dir=str(folder))
         assert "FOLDER/CLASS/image files" in str(error.value) and "SPLIT" not in str(error.value)
+
+
+def test_a_name_that_is_no_folder_and_cannot_be_looked_up_is_named(tmp_path, monkeypatch):
+    """Offline (or the Hub unreachable), a mistyped data-set folder is named in one line, not datasets' traceback."""
+    from modeling_ffvt.streaming import load_streamed_splits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match=r"^--dataset_name nosuch: there is no local folder of that name, and the Hub "
+                                         r"could not be asked"):
+        prepare_splits(dataset_name="nosuch")
+    with pytest.raises(InputError, match=r"^--dataset_name nosuch: cannot be streamed \(Couldn't reach 'nosuch'"):
+        load_streamed_splits("nosuch")
