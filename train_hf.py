@@ -40,7 +40,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler
 
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
-from modeling_ffvt.checkpoints import PROGRESS_FILE, check_resume_flags, method_flags, prune_checkpoints
+from modeling_ffvt.checkpoints import (
+    PROGRESS_FILE,
+    check_resume_flags,
+    check_resumed_data,
+    method_flags,
+    prune_checkpoints,
+)
 from modeling_ffvt.data import (
     IGNORE_INDEX,
     RECIPES,
@@ -1156,10 +1162,13 @@ def main(argv=None):
     logger.info(f"  Trainable parameters = {plan.parameter_counts['trainable_parameters']:,} of "
                 f"{plan.parameter_counts['total_parameters']:,} ({method.name})")
 
+    sizes = None if args.streaming else {name: len(part) for name, part in data.splits.items()}
     progress = Progress()
     if args.resume_from_checkpoint:
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir, prepared[3])
-    progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion}
+        check_resumed_data(args.resume_from_checkpoint, progress.written_with, sizes)
+    progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion,
+                             "data": sizes}
     run = Prepared(*prepared, plan, UnreadableImages(args.skip_bad_images, progress.skipped_images))
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()

@@ -69,6 +69,21 @@ def read_progress(folder) -> dict:
     return json.loads(Path(folder, PROGRESS_FILE).read_text())
 
 
+def check_resumed_data(folder, written_with: dict | None, sizes: dict | None) -> None:
+    """Raise InputError when the checkpoint `folder` (whose record is `written_with`) was written on data of other
+    split sizes than `sizes` ({"train": N, "validation": M}; None for streamed data): its position in the epoch counts
+    batches of that data, and a held-out split would be drawn anew from train, mixing images trained on into it."""
+    written = (written_with or {}).get("data")
+    if written is None or sizes is None or written == sizes:
+        return
+    raise InputError(
+        f"--resume_from_checkpoint {folder} was written on {written['train']} training and {written['validation']} "
+        f"validation images, and the data now holds {sizes['train']} and {sizes['validation']}: resume on the data it "
+        "was written on (replace an unreadable image with a readable copy rather than removing it), or train anew in "
+        "another --output_dir."
+    )
+
+
 def check_resume_flags(folder, flags: dict) -> None:
     """Raise InputError, before any data loads, when the checkpoint `folder` was written with other method flags
     than `flags` (`method_flags` of the resumed run): its weights would not fit the model these flags build, or would

@@ -40,9 +40,10 @@ class UnreadableImages:
         met = list(dict.fromkeys(gather_object(local) if accelerator.num_processes > 1 else local))
         if not self.skip:
             raise InputError(
-                f"Unreadable image{'s' * (len(met) > 1)}: {'; '.join(met)}. Fix or remove "
-                f"{'them' if len(met) > 1 else 'it'} and resume from the last checkpoint, or pass --skip_bad_images "
-                "to train without them."
+                f"Unreadable image{'s' * (len(met) > 1)}: {'; '.join(met)}. Replace "
+                f"{'them' if len(met) > 1 else 'it'} with a readable copy and resume from the last checkpoint (a "
+                "checkpoint resumes only on the data it was written on), or pass --skip_bad_images to train without "
+                f"{'them' if len(met) > 1 else 'it'}."
             )
         new = [name for name in met if name not in self.found]
         if new:

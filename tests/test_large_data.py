@@ -95,6 +95,16 @@ def test_a_truncated_image_stops_the_run_when_met_and_the_checkpoint_before_resu
     assert 1 < met <= 4
     assert sorted(path.name for path in stopped.glob("step_*")) == sorted(f"step_{step}" for step in range(1, met))
 
+    # Removing the file instead changes the data the checkpoint counted its place in (and a held-out split would be
+    # drawn anew): refused, naming the sizes, before a step is taken.
+    removed = tmp_path / "removed.png"
+    bad.rename(removed)
+    with pytest.raises(SystemExit) as refusal:
+        train_here(*arguments(data, stopped, 250, *common, "--resume_from_checkpoint", "latest"))
+    assert "latest was written on 1000 training and " in str(refusal.value.code)
+    assert "the data now holds 999 and " in str(refusal.value.code)
+    assert sorted(path.name for path in stopped.glob("step_*")) == sorted(f"step_{step}" for step in range(1, met))
+    removed.rename(bad)
     bad.write_bytes(good)
     train_here(*arguments(data, stopped, 250, *common, "--resume_from_checkpoint", "latest"))
     straight = tmp_path / "straight"
