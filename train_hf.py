@@ -45,6 +45,7 @@ from modeling_ffvt.checkpoints import (
     check_resume_flags,
     check_resumed_data,
     method_flags,
+    order_flags,
     prune_checkpoints,
 )
 from modeling_ffvt.data import (
@@ -280,7 +281,7 @@ def check_resumed_method(parser, args, method: TrainingMethod):
     folder = args.resume_from_checkpoint
     folder = latest_checkpoint(args.output_dir) if folder == "latest" else folder
     try:
-        check_resume_flags(folder, method_flags(args, method))
+        check_resume_flags(folder, method_flags(args, method), order_flags(args))
     except InputError as error:
         parser.error(str(error))
 
@@ -1168,7 +1169,7 @@ def main(argv=None):
         progress = resume(accelerator, args.resume_from_checkpoint, args.output_dir, prepared[3])
         check_resumed_data(args.resume_from_checkpoint, progress.written_with, sizes)
     progress.written_with = {"flags": method_flags(args, method), "feature_fusion": config.feature_fusion,
-                             "data": sizes}
+                             "order": order_flags(args), "data": sizes}
     run = Prepared(*prepared, plan, UnreadableImages(args.skip_bad_images, progress.skipped_images))
     train_metrics = train(args, accelerator, run, processor, progress)
     accelerator.end_training()

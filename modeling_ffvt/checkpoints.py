@@ -22,6 +22,9 @@ PROGRESS_FILE = "training_progress.json"
 # The flags that decide the model a run trains and the weights its checkpoints hold; no_feature_fusion where the
 # script has it.
 START_FLAGS = ("model_name_or_path", "vit_npz", "config_name", "image_size", "num_token", "no_feature_fusion")
+# The flags that decide which images make up each batch of an epoch: a checkpoint's place in its epoch counts such
+# batches.
+ORDER_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
 CHECKPOINT_NAME = re.compile(r"(step|epoch)_\d+")
 # The linear modules of a layer that --lora_target_modules' default (query,value) names.
 DEFAULT_LORA_MODULES = ["attention.attention.query", "attention.attention.value"]
@@ -45,6 +48,11 @@ def method_flags(args, method: TrainingMethod) -> dict:
     flags["lora_alpha"] = float(flags["lora_alpha"])  # 2 x rank when not given, an int
     flags["lora_target_modules"] = list(flags["lora_target_modules"])
     return flags
+
+
+def order_flags(args) -> dict:
+    """The data-order flags of a run (`ORDER_FLAGS`), as a checkpoint records them."""
+    return {name: getattr(args, name) for name in ORDER_FLAGS}
 
 
 def flags_text(flags: dict) -> str:
@@ -84,12 +92,24 @@ def check_resumed_data(folder, written_with: dict | None, sizes: dict | None) ->
     )
 
 
-def check_resume_flags(folder, flags: dict) -> None:
+def check_resume_flags(folder, flags: dict, order: dict | None = None) -> None:
     """Raise InputError, before any data loads, when the checkpoint `folder` was written with other method flags
     than `flags` (`method_flags` of the resumed run): its weights would not fit the model these flags build, or would
-    train another way. The message names the flags the checkpoint was written with. A checkpoint written before
+    train another way; or with other data-order flags than `order` (`order_flags`): its place in the epoch would
+    point at other images. The message names the flags the checkpoint was written with. A checkpoint written before
     checkpoints recorded their flags is checked by its weights' layout (LoRA or not, LoRA's rank)."""
-    written = (read_progress(folder).get("written_with") or {}).get("flags")
+    record = read_progress(folder).get("written_with") or {}
+    written_order = record.get("order")
+    if order is not None and written_order is not None and written_order != order:
+        changes = "; ".join(f"--{name} {written_order[name]} there, {order[name]} here" for name in ORDER_FLAGS
+                            if written_order[name] != order[name])
+        raise InputError(
+            f"--resume_from_checkpoint {folder} was written with other data-order flags ({changes}), and its place "
+            f"in the epoch counts batches of those: resume it with "
+            f"{' '.join(f'--{name} {value}' for name, value in written_order.items())}, or train anew in "
+            "another --output_dir."
+        )
+    written = record.get("flags")
     if written is None:
         _check_weight_layout(folder, flags)
         return

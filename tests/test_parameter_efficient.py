@@ -418,6 +418,23 @@ def test_resuming_with_other_method_flags_is_refused_naming_the_written_ones(lor
         parse_args([*data, *written.split(), "--resume_from_checkpoint", checkpoint])
 
 
+def test_resuming_with_other_data_order_flags_is_refused_naming_the_written_ones(lora_checkpoint, start, tmp_path,
+                                                                                  capsys):
+    """A checkpoint's place in its epoch counts batches: another batch size, seed or accumulation would resume at
+    other images."""
+    output_dir, _ = lora_checkpoint
+    common = ["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(output_dir), "--model_name_or_path",
+              str(start), "--lora_rank", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--per_device_train_batch_size", "4", "--seed", "0"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.endswith("was written with other data-order flags (--seed 42 there, 0 here; "
+                            "--per_device_train_batch_size 8 there, 4 here), and its place in the epoch counts batches "
+                            "of those: resume it with --seed 42 --per_device_train_batch_size 8 "
+                            "--gradient_accumulation_steps 1, or train anew in another --output_dir."), message
+    parse_args([*common, "--seed", "42", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"])
+
+
 def test_a_checkpoint_without_a_record_of_its_flags_is_checked_by_its_lora_weights(lora_checkpoint, start, tmp_path,
                                                                                    capsys):
     """Checkpoints written before they recorded their flags: LoRA or not, and LoRA's rank, read from the weights."""
