@@ -1016,6 +1016,7 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
         best=best,
         evaluated=plan.evaluated,
         held_out=plan.held_out,
+        feature_fusion=config.feature_fusion,
     )
 
 
@@ -1034,19 +1035,20 @@ def evaluation_data_flags(args, plan: Plan) -> str | None:
                     if value is not None and value != defaults.get(flag))
 
 
-def next_steps(output_dir, validation_image, data_flags):
-    """What to try with the saved model: its card, the predict command on a validation image, evaluation on the data
-    `data_flags` (ffvt-evaluate's flags, `evaluation_data_flags`) name, or on other images."""
+def next_steps(output_dir, validation_image, data_flags, feature_fusion=True):
+    """What to try with the saved model: its card, the predict command on a validation image (with the selection map
+    where MAWS feeds a fusion layer), evaluation on the data `data_flags` (ffvt-evaluate's flags,
+    `evaluation_data_flags`) name, or on other images."""
     image = validation_image if validation_image and os.path.isfile(validation_image) else "IMAGE.jpg"
     model = shlex.quote(str(output_dir))
     evaluation = (f"or evaluate it on the data it was evaluated on:\n  ffvt-evaluate --model {model} {data_flags}"
                   if data_flags else "or evaluate it on labelled images it was not trained on (it was evaluated on "
                   f"a part of train held out):\n  ffvt-evaluate --model {model} --data_dir FOLDER_OF_CLASS_FOLDERS")
-    return (
-        f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, classify an "
-        f"image and draw what MAWS picked:\n  ffvt-predict {shlex.quote(str(image))} --model {model} "
-        f"--selection_map picks.png\n{evaluation}"
-    )
+    predict = f"ffvt-predict {shlex.quote(str(image))} --model {model}"
+    predict = (f"classify an image and draw what MAWS picked:\n  {predict} --selection_map picks.png"
+               if feature_fusion else f"classify an image:\n  {predict}")
+    return (f"\nThe model, its image processor and its model card (README.md) are in {output_dir}. Next, {predict}\n"
+            f"{evaluation}")
 
 
 def finish(args, accelerator, config, progress: Progress, train_metrics, validation_image, plan: Plan):
@@ -1059,7 +1061,8 @@ def finish(args, accelerator, config, progress: Progress, train_metrics, validat
         logger.info(f"Skipped {counted(skipped, 'unreadable image')} in the run (--skip_bad_images)"
                     + (": listed in all_results.json" if skipped else ""))
     logger.info(f"Best model (step {best['step']}, top-1 {best['eval_accuracy']:.4f}) saved in {args.output_dir}")
-    print(next_steps(args.output_dir, validation_image.get("path"), evaluation_data_flags(args, plan)))
+    print(next_steps(args.output_dir, validation_image.get("path"), evaluation_data_flags(args, plan),
+                     config.feature_fusion))
     if args.push_to_hub:
         push_to_hub(args)
 

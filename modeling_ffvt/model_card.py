@@ -65,8 +65,10 @@ def draw_card_selection_map(output_dir, image) -> None:
 def write_model_card(
     output_dir, *, repo_id: str, dataset: str, dataset_id: str | None, base_model: str | None, num_classes: int,
     hyperparameters: dict, best: dict, evaluated: str = "validation", held_out: float | None = None,
+    feature_fusion: bool = True,
 ) -> None:
-    """README.md in `output_dir` for the model saved there.
+    """README.md in `output_dir` for the model saved there (`feature_fusion` False: the baseline without a fusion
+    layer, which MAWS does not feed).
 
     `dataset` names the data in prose; `dataset_id` and `base_model` are Hub ids for the YAML (None for local
     data or starts); `hyperparameters` become the training table, name to value; `best` holds the evaluation results
@@ -108,6 +110,10 @@ def write_model_card(
 For one validation image, the patches MAWS picked in each layer before the fusion layer (outlined), and how often
 each patch was picked across layers.
 """
+    baseline = ("" if feature_fusion else "\n\nThis model is the baseline without feature fusion: the backbone's own "
+                "last layer and LayerNorm read by a new head, with no fusion layer and no MAWS, trained with "
+                "`train_hf.py --no_feature_fusion` to compare with FFVT.")
+    demo_maws = " and the tokens MAWS picked in each layer" if feature_fusion else ""
     body = f"""
 # {markdown_text(repo_id)}
 
@@ -115,7 +121,7 @@ An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classe
 trained with `train_hf.py` of modeling_ffvt, the Transformers port of [FFVT](https://github.com/Markin-Wang/FFVT)
 (Wang, Yu and Gao, BMVC 2021, [arXiv:2107.02341](https://arxiv.org/abs/2107.02341)). FFVT is a ViT whose last layer
 attends only to the CLS token and to the tokens that mutual attention weight selection (MAWS) picks from every
-earlier layer, which suits fine-grained categorisation.
+earlier layer, which suits fine-grained categorisation.{baseline}
 
 ## How to use
 
@@ -140,7 +146,7 @@ print(model.config.id2label[logits.argmax(-1).item()])
 
 To try it in a browser, install modeling_ffvt (the package that wrote this card) with its `demo` extra and run
 {demo}: a Gradio page at <http://127.0.0.1:7860> shows the five most probable classes of an
-uploaded image and the tokens MAWS picked in each layer. {space} writes
+uploaded image{demo_maws}. {space} writes
 that page as a folder to push as a Hugging Face Space.
 
 ## Training

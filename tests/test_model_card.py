@@ -67,3 +67,18 @@ def rendered(inline) -> str:
     """The text an inline token shows: its children's text, code and softbreaks, without markup."""
     return "".join(child.content if child.type in ("text", "code_inline") else " " if child.type == "softbreak"
                    else "" for child in inline.children)
+
+
+def test_a_baseline_card_and_hint_claim_no_maws(tmp_path):
+    """A model trained with --no_feature_fusion has no fusion layer for MAWS to feed: its card says it is the baseline,
+    promises no MAWS picks in the demo, and the hint after training offers no selection map (which ffvt-predict
+    refuses for it)."""
+    from train_hf import next_steps
+
+    for fusion in (True, False):
+        write_model_card(tmp_path, repo_id="ffvt-cub", dataset="CUB", dataset_id=None, base_model=None, num_classes=3,
+                         hyperparameters={}, best=BEST, evaluated="test", feature_fusion=fusion)
+        text = (tmp_path / "README.md").read_text()
+        assert ("This model is the baseline without feature fusion" in text) is not fusion
+        assert ("the tokens MAWS picked in each layer" in text) is fusion
+        assert ("--selection_map" in next_steps(tmp_path, None, "--data_dir val", fusion)) is fusion
