@@ -693,7 +693,7 @@ def warn_about_warmup(warmup_steps, total_steps):
         logger.warning(
             f"--num_warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of the run's {total_steps} "
             f"optimiser steps: {effect}. A warm-up of 5 to 10 % of the steps is usual (e.g. --num_warmup_steps "
-            f"{max(1, round(0.05 * total_steps))})."
+            f"{round(0.05 * total_steps)})."
         )
 
 
