@@ -127,10 +127,19 @@ def test_demo_in_a_browser(browser, tmp_path, capsys):
         # An example picked on the page instead of an upload.
         example, = [item for item in browser.find_elements(By.CSS_SELECTOR, ".gallery-item img")
                     if item.get_attribute("src").endswith("/" + examples[-1].name)]
+        uploaded = input_sources(browser)
         example.click()
+        # The example replaces the upload in the input before Classify reads it (on a busy machine, later than the
+        # click returns): clicking earlier would classify the upload again.
+        wait.until(lambda driver: input_sources(driver) not in ([], uploaded))
         browser.find_element(By.ID, "ffvt-classify").click()
         expected = [prediction["label"] for prediction in example_predictions]
         wait.until(lambda driver: [name for name, _ in label_rows(driver)] == expected)
+
+
+def input_sources(driver) -> list[str]:
+    """The src of each picture the input component shows."""
+    return [image.get_attribute("src") for image in driver.find_elements(By.CSS_SELECTOR, "#ffvt-input img")]
 
 
 def label_rows(driver):
