@@ -5,6 +5,7 @@ docs/training.md ("Large data sets") says what users see.
 """
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -73,7 +74,8 @@ def save_loader_state(folder, dataloader, process_index: int) -> None:
 def load_loader_state(folder, dataloader, process_index: int, num_processes: int) -> None:
     """Give `dataloader` the position `save_loader_state` wrote, so that its next iteration continues the epoch
     where the checkpoint was taken. Raises InputError when the checkpoint was written by another number of processes
-    or data-loader workers (each reads its own shards)."""
+    or data-loader workers (each reads its own shards), or when its file holds anything but plain data (it is read
+    with `weights_only=True`: a checkpoint never runs pickled code)."""
     path = loader_state_file(folder, process_index)
     saved = len(list(Path(folder).glob("train_loader_*.pt")))
     if not path.is_file() or saved != num_processes:
@@ -81,7 +83,13 @@ def load_loader_state(folder, dataloader, process_index: int, num_processes: int
             f"--resume_from_checkpoint {folder}: its stream positions are those of {saved} processes, not "
             f"{num_processes}: resume with --num_processes {saved}, the number that wrote it."
         )
-    state = torch.load(path, weights_only=False)
+    try:  # the state is plain containers of numbers and strings: nothing a checkpoint holds may run as code
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(
+            f"--resume_from_checkpoint {folder}: {path.name} holds more than a data loader's position "
+            f"({str(error).splitlines()[0]}); it was not written by train_hf.py and is not loaded."
+        ) from None
     if state["num_workers"] != dataloader.dataloader.num_workers:
         raise InputError(
             f"--resume_from_checkpoint {folder}: its stream positions are those of {state['num_workers']} data-loader "

@@ -246,3 +246,22 @@ def test_streamed_labels_need_class_names_and_uneven_shards_are_announced(tmp_pa
         pyarrow.parquet.write_table(pyarrow.parquet.read_table(path).replace_schema_metadata(None), bare / path.name)
     with pytest.raises(InputError, match="takes the class names from the 'label' column's ClassLabel"):
         load_streamed_splits(str(bare))
+
+
+class RunsOnLoad:
+    """An object whose unpickling would run code: a loader-state file holding one must be refused, not loaded."""
+
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pickled code ran')",))
+
+
+def test_a_loader_state_that_holds_code_is_refused_unrun(tmp_path):
+    from types import SimpleNamespace
+
+    from modeling_ffvt.data_loading import load_loader_state, loader_state_file
+    from modeling_ffvt.inputs import InputError
+
+    torch.save({"num_workers": 0, "state": RunsOnLoad()}, loader_state_file(tmp_path, 0))
+    loader = SimpleNamespace(dataloader=SimpleNamespace(num_workers=0), load_state_dict=lambda state: None)
+    with pytest.raises(InputError, match=r"train_loader_0\.pt holds more than a data loader's position .*not loaded"):
+        load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
