@@ -122,15 +122,9 @@ def print_report(report):
             print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
-@exits_on_input_error
-def main(argv=None):
-    args = parse_args(argv)
-    if args.report is not None:
-        try:
-            check_report_folder(args.report)
-        except OSError as error:
-            raise SystemExit(str(error)) from None
-    accelerator = Accelerator()
+def rank_split(args, accelerator):
+    """Load the split, check its images and classes, and rank every image's classes on all processes; returns
+    (split, split name, processor, unwrapped model, ranked), ranked as `rank_classes` gives it."""
     with accelerator.main_process_first():  # the main process writes the data set's cache, the others read it
         split, split_name = load_split(args)
     model, processor = load_classifier(args.model)
@@ -158,6 +152,24 @@ def main(argv=None):
         ranked = rank_classes(model, dataloader, accelerator, progress=True)
     except UnreadableImageError as error:
         raise SystemExit(f"{error}: fix or remove the file.") from None
+    return split, split_name, processor, accelerator.unwrap_model(model), ranked
+
+
+@exits_on_input_error
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report is not None:
+        try:
+            check_report_folder(args.report)
+        except OSError as error:
+            raise SystemExit(str(error)) from None
+    accelerator = Accelerator()
+    try:
+        split, split_name, processor, model, ranked = rank_split(args, accelerator)
+    finally:
+        # Each process leaves the process group before it exits, on every path: a process that exits with its gloo
+        # group alive (here the others, while the main one still writes the report) can abort in the group's teardown.
+        accelerator.end_training()
     if not accelerator.is_main_process:
         return
     rankings, references = ranked["rankings"], ranked["references"]
@@ -180,7 +192,7 @@ def main(argv=None):
         try:
             page = write_report(
                 args.report, summary=summary, scores=scores, references=references, rankings=rankings,
-                probabilities=ranked["probabilities"], model=accelerator.unwrap_model(model), processor=processor,
+                probabilities=ranked["probabilities"], model=model, processor=processor,
                 split=split, image_column=args.image_column_name,
             )
         except OSError as error:
