@@ -18,7 +18,6 @@ import math
 import os
 import resource
 import shlex
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +29,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import create_repo, upload_folder, whoami
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
@@ -42,8 +39,8 @@ from transformers import AutoConfig, AutoModelForImageClassification, get_schedu
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.checkpoints import (
     PROGRESS_FILE,
-    check_resume_flags,
     check_resumed_data,
+    latest_checkpoint,
     method_flags,
     order_flags,
     prune_checkpoints,
@@ -57,11 +54,11 @@ from modeling_ffvt.data import (
     collate_images,
 )
 from modeling_ffvt.data_loading import UnreadableImages, load_loader_state, save_loader_state
+from modeling_ffvt.digits import make_digits_folder
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
     InputError,
-    check_config_keys,
     check_model_name,
     counted,
     exits_on_input_error,
@@ -86,6 +83,7 @@ from modeling_ffvt.streaming import (
     load_streamed_splits,
     on_every_process,
 )
+from modeling_ffvt.training_flags import check_training_flags, checkpointing_steps, first_line, training_method
 
 logger = get_logger(__name__)
 
@@ -116,13 +114,6 @@ DEMO_DEFAULTS = dict(
     label_smoothing=0.1,
     eval_steps=50,
 )
-DEMO_TRAIN_SIZE = 1500
-def checkpointing_steps(value):
-    if value == "epoch":
-        return value
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise argparse.ArgumentTypeError(f"expected a positive number of steps or 'epoch', got {value!r}")
 
 
 def parse_args(argv=None):
@@ -253,214 +244,16 @@ def parse_args(argv=None):
         parser.error("Start from either --model_name_or_path or --vit_npz, not both.")
     if not (args.model_name_or_path or args.vit_npz or args.config_name):
         parser.error("Give a model: --model_name_or_path, --vit_npz, or --config_name to train from scratch.")
-    check_flag_values(parser, args)
     try:
-        method = training_method(args)
-    except ValueError as error:
+        check_training_flags(args)
+    except InputError as error:
         parser.error(str(error))
-    if args.resume_from_checkpoint:
-        check_resumed_method(parser, args, method)
     if Path(args.output_dir, "config.json").exists() and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.exit(2, (
             f"{args.output_dir} already holds a saved model. Choose another --output_dir, pass --overwrite_output_dir "
             "to replace it, or --resume_from_checkpoint to continue the run that wrote it.\n"
         ))
     return args
-
-
-def training_method(args) -> TrainingMethod:
-    """Which weights train (all, LoRA adapters, or the fusion layer and head alone), from the flags; ValueError for
-    flags that contradict each other."""
-    return TrainingMethod(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
-                          args.freeze_backbone, args.frozen_weights_dtype)
-
-
-def check_resumed_method(parser, args, method: TrainingMethod):
-    """Stop before any data loads when the checkpoint to resume was written with other method flags (LoRA, frozen
-    backbone, start model, image size): one line naming the flags it was written with."""
-    folder = args.resume_from_checkpoint
-    folder = latest_checkpoint(args.output_dir) if folder == "latest" else folder
-    try:
-        check_resume_flags(folder, method_flags(args, method), order_flags(args))
-    except InputError as error:
-        parser.error(str(error))
-
-
-# The smallest value each numeric flag takes, and whether that value itself is allowed.
-FLAG_BOUNDS = {
-    "per_device_train_batch_size": (1, True),
-    "per_device_eval_batch_size": (1, True),
-    "gradient_accumulation_steps": (1, True),
-    "max_train_steps": (1, True),
-    "num_train_epochs": (1, True),
-    "eval_steps": (1, True),
-    "image_size": (1, True),
-    "resize_size": (1, True),
-    "num_token": (1, True),
-    "max_train_samples": (1, True),
-    "checkpoints_total_limit": (1, True),
-    "max_eval_samples": (0, True),
-    "num_warmup_steps": (0, True),
-    "dataloader_num_workers": (0, True),
-    "shuffle_buffer_size": (1, True),
-    "learning_rate": (0, False),
-    "max_grad_norm": (0, False),
-    "weight_decay": (0, True),
-    "label_smoothing": (0, True),
-    "train_val_split": (0, False),
-}
-
-
-def check_flag_values(parser, args):
-    """Stop with one line naming the flag and its valid values for any flag value training cannot use, before any data
-    loads: numbers out of range, --report_to, --resume_from_checkpoint, and --image_size and --num_token against the
-    model training starts from."""
-    for name, (lowest, inclusive) in FLAG_BOUNDS.items():
-        value = getattr(args, name)
-        if value is not None and (value < lowest or (value == lowest and not inclusive)):
-            kind = "a whole number" if isinstance(value, int) else "a number"
-            parser.error(f"--{name} {value}: give {kind} {'at least' if inclusive else 'above'} {lowest}.")
-    for name in ("label_smoothing", "train_val_split"):
-        if getattr(args, name) >= 1:
-            parser.error(f"--{name} {getattr(args, name)}: give a fraction below 1.")
-    trackers = [str(tracker) for tracker in LoggerType if tracker != LoggerType.ALL]
-    if args.report_to not in ("all", *trackers):
-        parser.error(f"--report_to {args.report_to}: not a tracker; choose all or one of {', '.join(trackers)}.")
-    available = [str(tracker) for tracker in get_available_trackers()]
-    if args.with_tracking and args.report_to != "all" and args.report_to not in available:
-        parser.error(f"--report_to {args.report_to}: not installed here (pip install {args.report_to}); installed: "
-                     f"{', '.join(available) or 'none'}.")
-    if args.with_tracking and not available:
-        parser.error("--with_tracking: no tracker is installed; pip install tensorboard (or wandb, mlflow, ...).")
-    if args.resume_from_checkpoint:
-        check_checkpoint_flag(parser, args.resume_from_checkpoint, args.output_dir)
-    if args.checkpoints_total_limit and not args.checkpointing_steps:
-        parser.error(f"--checkpoints_total_limit {args.checkpoints_total_limit}: give --checkpointing_steps too (N "
-                     "or epoch), or leave it out.")
-    if args.model_name_or_path:
-        try:  # before anything reads it: a mistyped folder name would go through the Hub's retries
-            check_model_name(args.model_name_or_path, "--model_name_or_path")
-        except InputError as error:
-            parser.error(str(error))
-    if args.vit_npz and not Path(args.vit_npz).is_file():
-        parser.error(f"--vit_npz {args.vit_npz}: there is no such file; give one of Google's ViT .npz files "
-                     "(ViT-B_16.npz in the paper).")
-    if args.config_name and not (args.model_name_or_path or args.vit_npz):
-        check_config_flag(parser, args.config_name)
-    if args.no_feature_fusion and args.model_name_or_path:
-        check_baseline_start(parser, args.model_name_or_path)
-    check_geometry_flags(parser, args)
-
-
-def check_config_flag(parser, config_name):
-    """--config_name: inline JSON, a config.json or its folder, describing a valid FFVT with no key FFVTConfig does
-    not read (a misspelled one would be dropped silently)."""
-    try:
-        inline = config_name.lstrip().startswith("{")
-        if not inline and not Path(config_name).exists():
-            parser.error(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such as "
-                         "'{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
-        values = json.loads(config_name) if inline else FFVTConfig.get_config_dict(config_name)[0]
-        check_config_keys(values, FFVTConfig, f"--config_name {config_name}", "docs/training.md#from-scratch")
-        if inline:
-            FFVTConfig(**values)
-        else:
-            FFVTConfig.from_pretrained(config_name)
-    except json.JSONDecodeError as error:
-        parser.error(f"--config_name: not valid JSON ({error}); give inline JSON such as "
-                     "'{\"num_hidden_layers\": 4}'.")
-    except InputError as error:
-        parser.error(str(error))
-    except (OSError, ValueError, TypeError) as error:
-        parser.error(f"--config_name {config_name}: {first_line(error)}")
-
-
-def check_baseline_start(parser, model_name_or_path):
-    """--no_feature_fusion needs a start whose last layer is plain: a backbone, or an FFVT saved without fusion."""
-    try:
-        start = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError):
-        return  # load_model says why
-    if start.model_type == "ffvt" and start.feature_fusion:
-        parser.error(f"--no_feature_fusion: {model_name_or_path} is an FFVT with feature fusion, whose last layer is "
-                     "a fusion layer, not a plain one; start the baseline from the backbone that model started from.")
-
-
-def check_checkpoint_flag(parser, folder, output_dir):
-    if folder == "latest":
-        if not list(Path(output_dir).glob(f"*/{PROGRESS_FILE}")):
-            parser.error(f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint (a folder with a "
-                         f"{PROGRESS_FILE}); give a checkpoint folder, or train with --checkpointing_steps first.")
-    elif not Path(folder).is_dir():
-        parser.error(f"--resume_from_checkpoint {folder}: there is no such folder; give a checkpoint folder "
-                     "(OUTPUT_DIR/step_N or epoch_N) or latest.")
-    elif not Path(folder, PROGRESS_FILE).is_file():
-        parser.error(f"--resume_from_checkpoint {folder}: not a checkpoint of train_hf.py (it has no {PROGRESS_FILE});"
-                     " give a step_N or epoch_N folder that --checkpointing_steps wrote, or latest.")
-
-
-def starting_geometry(args) -> tuple[int, int] | None:
-    """(patch size, image size) of the model training starts from, before --image_size; None when it cannot be read
-    now (load_model then says why)."""
-    try:
-        if args.vit_npz:
-            with np.load(args.vit_npz) as npz:
-                return int(npz["embedding/kernel"].shape[0]), 448  # the paper's resolution; the .npz records none
-        if args.model_name_or_path:
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-            config = getattr(config, "vision_config", config)  # CLIP's vision tower
-        elif args.config_name.lstrip().startswith("{"):
-            config = FFVTConfig(**json.loads(args.config_name))
-        else:
-            config = FFVTConfig.from_pretrained(args.config_name)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    patch_size, image_size = getattr(config, "patch_size", None), getattr(config, "image_size", None)
-    if not isinstance(patch_size, int) or not isinstance(image_size, int):
-        return None
-    return patch_size, image_size
-
-
-def check_geometry_flags(parser, args):
-    """--image_size a multiple of the starting model's patch size, --num_token at most the tokens it can pick from."""
-    if args.image_size is None and args.num_token is None:
-        return
-    geometry = starting_geometry(args)
-    if geometry is None:
-        return
-    patch_size, image_size = geometry
-    source = args.vit_npz or args.model_name_or_path or "--config_name"
-    if args.image_size is not None and args.image_size % patch_size:
-        lower = max(patch_size, args.image_size // patch_size * patch_size)
-        parser.error(f"--image_size {args.image_size}: must be a multiple of the patch size {patch_size} of {source} "
-                     f"(e.g. {lower} or {lower + patch_size}).")
-    tokens = 1 + ((args.image_size or image_size) // patch_size) ** 2  # CLS and patches
-    if args.num_token is not None and args.num_token > tokens:
-        parser.error(f"--num_token {args.num_token}: give 1 to {tokens}, the tokens MAWS can pick from (CLS and "
-                     f"patches) at {args.image_size or image_size} px with {patch_size} px patches.")
-
-
-def make_digits_folder(root):
-    """scikit-learn's 8x8 digits as 32x32 PNGs in class folders, split once into 1500 train and 297 validation."""
-    root = Path(root)
-    if root.is_dir():
-        return
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise InputError("--demo takes its images from scikit-learn: pip install scikit-learn") from None
-    digits = load_digits()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so that an interrupted run leaves no half-written folder behind.
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".digits-"))
-    order = np.random.default_rng(0).permutation(len(digits.target))
-    for position, index in enumerate(order):
-        split = "train" if position < DEMO_TRAIN_SIZE else "validation"
-        folder = staging / split / str(digits.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        grey = Image.fromarray(np.uint8(digits.images[index] * 255 / 16))
-        grey.resize((32, 32), Image.NEAREST).save(folder / f"{index:04d}.png")
-    staging.rename(root)
 
 
 def prepare_data(args) -> PreparedSplits:
@@ -775,13 +568,6 @@ def resume(accelerator, folder, output_dir, train_dataloader) -> Progress:
     return progress
 
 
-def latest_checkpoint(output_dir):
-    checkpoints = [path.parent for path in Path(output_dir).glob(f"*/{PROGRESS_FILE}")]
-    if not checkpoints:
-        raise InputError(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
-    return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
-
-
 def validate(model, dataloader, accelerator, metric, unreadable: UnreadableImages) -> dict:
     """Top-1, top-5 and mean per-class accuracy and the plain cross-entropy over the whole validation split, but for
     the unreadable images --skip_bad_images leaves out (`unreadable` stops the run on them otherwise)."""
@@ -1072,10 +858,6 @@ HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "demo_data/*"]  # checkpoints and th
 
 def hub_repo_name(args):
     return args.hub_model_id or Path(args.output_dir).absolute().name
-
-
-def first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def check_hub_access(args):

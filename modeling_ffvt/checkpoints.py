@@ -176,6 +176,15 @@ def checkpoint_folders(output_dir) -> list[Path]:
                                                 read_progress(folder)["completed_steps"]))
 
 
+def latest_checkpoint(output_dir):
+    """The most advanced checkpoint in `output_dir` (`--resume_from_checkpoint latest`): the folder with a progress
+    file recording the most completed steps. Raises InputError when there is none."""
+    checkpoints = [path.parent for path in Path(output_dir).glob(f"*/{PROGRESS_FILE}")]
+    if not checkpoints:
+        raise InputError(f"--resume_from_checkpoint latest: no folder with a {PROGRESS_FILE} in {output_dir}.")
+    return max(checkpoints, key=lambda path: json.loads((path / PROGRESS_FILE).read_text())["completed_steps"])
+
+
 def prune_checkpoints(output_dir, limit: int) -> list[Path]:
     """Delete all but the `limit` newest written checkpoints of `output_dir` (called right after one is written, so
     a checkpoint a run resumed from goes only once a newer one exists); the best model, saved in `output_dir`
