@@ -10,6 +10,7 @@ explicit file lists and class labels.
 import contextlib
 import difflib
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -504,16 +505,35 @@ def check_config_keys(values: dict, config_class, source: str, docs: str) -> Non
     # Keys with a leading underscore are transformers' bookkeeping (_name_or_path; _commit_hash, which 5.0 adds on
     # reading a file), never architecture.
     unknown = sorted(key for key in set(values) - valid if not key.startswith("_"))
-    if not unknown:
-        return
     described = []
     for key in unknown:
         nearest = difflib.get_close_matches(key, valid, n=1)
         described.append(f"{key!r}" + (f" (did you mean {nearest[0]!r}?)" if nearest else ""))
-    raise InputError(
-        f"{source}: {config_class.__name__} has no key{'s' if len(unknown) > 1 else ''} {', '.join(described)}; "
-        f"the keys it takes are listed in {docs}."
-    )
+    if unknown:
+        raise InputError(
+            f"{source}: {config_class.__name__} has no key{'s' if len(unknown) > 1 else ''} {', '.join(described)}; "
+            f"the keys it takes are listed in {docs}."
+        )
+    check_config_types(values, config_class, source)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def check_config_types(values: dict, config_class, source: str) -> None:
+    """Raise InputError for a value of `values` whose type is not that of the key's default in `config_class` (a
+    whole number where a number is expected passes): transformers 5.0 takes `"num_hidden_layers": "x"` and fails
+    later with a TypeError that names no key, newer releases raise a multi-line validation error."""
+    defaults = config_class().to_dict()
+    for key, value in values.items():
+        expected = type(defaults.get(key))
+        if expected not in _TYPE_NAMES or value is None:
+            continue
+        fits = isinstance(value, (int, float) if expected is float else expected)
+        if isinstance(value, bool) and expected is not bool:  # JSON true is a Python int too
+            fits = False
+        if not fits:
+            raise InputError(f"{source}: {key} must be {_TYPE_NAMES[expected]}, not {json.dumps(value)}.")
 
 
 def model_load_error(name: str, error: Exception, flag: str = "--model") -> InputError:

@@ -55,6 +55,11 @@ def vit_folder(folder, patch_size=8):
         (["--config_name", "{'hidden_size': 32}"], "--config_name: not valid JSON (Expecting property name"),
         (["--config_name", "nowhere/config.json"], "--config_name nowhere/config.json: there is no such file"),
         (["--config_name", '{"num_token": 0}'], '--config_name {"num_token": 0}: num_token=0 must lie between 1 and'),
+        # transformers 5.0 fails later with a TypeError naming no key, 5.25 with a multi-line validation error.
+        (["--config_name", '{"num_hidden_layers": "x"}'],
+         '--config_name {"num_hidden_layers": "x"}: num_hidden_layers must be a whole number, not "x".'),
+        (["--config_name", '{"hidden_dropout_prob": true}'],
+         '--config_name {"hidden_dropout_prob": true}: hidden_dropout_prob must be a number, not true.'),
         (["--vit_npz", "ViT-B_16.npz"], "--vit_npz ViT-B_16.npz: there is no such file"),
     ],
 )
