@@ -67,7 +67,7 @@ from modeling_ffvt.inputs import (
     quiet_progress_bars,
 )
 from modeling_ffvt.loading import BACKBONE_FAMILIES, image_normalization
-from modeling_ffvt.model_card import draw_card_selection_map, write_model_card
+from modeling_ffvt.model_card import dataset_title, draw_card_selection_map, write_model_card
 from modeling_ffvt.parameter_efficient import (
     DTYPES,
     TrainingMethod,
@@ -752,13 +752,17 @@ def save_model(accelerator, model, processor, output_dir, start=None, dtype=torc
         processor.save_pretrained(output_dir)
 
 
-def data_set_title(args):
+def data_set_name(args):
+    """The data's name without its subset: the Hub id, the folder's name, or the demo's digits."""
     if args.demo:
         return "scikit-learn digits"
     if args.dataset_name:
-        title = args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
-        return title if args.dataset_config_name is None else f"{title} ({args.dataset_config_name})"
+        return args.dataset_name if is_hub_id(args.dataset_name) else Path(args.dataset_name).absolute().name
     return Path(args.train_dir).absolute().parent.name  # CUB for CUB/train
+
+
+def data_set_title(args):
+    return dataset_title(data_set_name(args), args.dataset_config_name)
 
 
 def write_results_and_card(args, accelerator, config, best, train_metrics, plan: Plan):
@@ -775,7 +779,7 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
         "start": args.model_name_or_path or args.vit_npz or "from scratch",
         "image size / resize": f"{config.image_size} / {plan.resize_size}",
         "augmentation recipe": args.recipe,
-        "num_token": config.num_token,
+        **({"num_token": config.num_token} if config.feature_fusion else {}),  # MAWS's, which a baseline lacks
         "optimiser": f"SGD, momentum 0.9, weight decay {args.weight_decay}",
         "learning rate": args.learning_rate,
         "schedule": schedule_description(args.num_warmup_steps, plan.max_train_steps, args.lr_scheduler_type,
@@ -794,7 +798,8 @@ def write_results_and_card(args, accelerator, config, best, train_metrics, plan:
     write_model_card(
         args.output_dir,
         repo_id=args.hub_model_id or Path(args.output_dir).absolute().name,
-        dataset=data_set_title(args),
+        dataset=data_set_name(args),
+        dataset_config=args.dataset_config_name,
         dataset_id=args.dataset_name if is_hub_id(args.dataset_name) else None,
         base_model=args.model_name_or_path if is_hub_id(args.model_name_or_path) else None,
         num_classes=len(config.id2label),

@@ -19,7 +19,9 @@ be added to a rerun.
 
 Statistics (scipy): paired differences, fusion on minus fusion off, in percentage points; the paired t-test's
 two-sided p-value (`scipy.stats.ttest_rel`); a percentile bootstrap 95 % confidence interval of the mean difference
-(`scipy.stats.bootstrap`, seeded). docs/training.md, "Is fusion worth it on my data?", explains how to read them.
+(`scipy.stats.bootstrap`, seeded). The verdict says better or worse only with at least 3 seeds, a p-value below 0.05
+and an interval that excludes 0; otherwise it says why there is none. docs/training.md, "Is fusion worth it on my
+data?", explains how to read them.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import json
 import shlex
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +45,7 @@ from transformers import AutoConfig
 from .configuration_ffvt import FFVTConfig
 from .data import ImageClassificationDataset, ProcessorTransform
 from .evaluation import load_fgvc_accuracy, rank_classes
-from .inputs import InputError, exits_on_input_error, load_classifier
+from .inputs import InputError, counted, exits_on_input_error, load_classifier
 from .report import METRICS_FILE, PAGE_STYLE, score_images
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_hf.py"  # in a clone installed with pip install -e .
@@ -53,6 +56,19 @@ HTML_FILE = "comparison.html"
 ARMS = {True: "fusion_on", False: "fusion_off"}
 METRICS = ("accuracy", "top5_accuracy", "mean_per_class_accuracy")  # the report's metrics.json keys
 PAIRED_METRICS = {"accuracy": "top-1 accuracy", "mean_per_class_accuracy": "mean per-class accuracy"}
+# The verdict's rule (docs/training.md, "Is fusion worth it on my data?"): better or worse needs MIN_SEEDS seeds, a
+# two-sided paired t-test p-value below P_VALUE_THRESHOLD and a bootstrap 95 % interval that excludes 0.
+MIN_SEEDS = 3
+P_VALUE_THRESHOLD = 0.05
+# The docs size a comparison for a true difference of 1 point detected with 80 % power; 5 seeds is where they start.
+PLANNED_DIFFERENCE = 1.0
+PLANNED_POWER = 0.8
+SUGGESTED_SEEDS = 5
+# Differences (points) closer than this are equal: accuracies are hits / images, so a real difference is at least
+# 100 / images points, while the same hit counts over other image counts differ by rounding (~1e-14) alone.
+SPREAD_TOLERANCE = 1e-9
+RULE = (f"top-1 accuracy: better or worse needs at least {MIN_SEEDS} seeds, a paired t-test p-value below "
+        f"{P_VALUE_THRESHOLD} and a bootstrap 95 % interval that excludes 0")
 UNSET_SEED = -1  # parsed first, so that a --seed among the train_hf.py flags shows
 # train_hf.py flags ffvt-compare sets for each run, with the value they have when a user did not give them.
 CONTROLLED_FLAGS = {"seed": UNSET_SEED, "no_feature_fusion": False, "resume_from_checkpoint": None,
@@ -285,13 +301,13 @@ def evaluate_runs(runs, train, flags, output_dir) -> list[dict]:
 
 def paired_statistics(fusion_on, fusion_off, resamples: int, seed: int) -> dict:
     """For one metric's values (fractions), seed by seed: the differences fusion on minus fusion off in percentage
-    points, their mean, the paired t-test's two-sided p-value (None when every difference is the same, where the test
-    is undefined) and the percentile bootstrap 95 % confidence interval of the mean difference, [low, high] in points,
-    from `resamples` resamples drawn by numpy's default_rng(seed)."""
+    points, their mean, the paired t-test's two-sided p-value (None when every difference is the same, to
+    SPREAD_TOLERANCE, where the test is undefined) and the percentile bootstrap 95 % confidence interval of the mean
+    difference, [low, high] in points, from `resamples` resamples drawn by numpy's default_rng(seed)."""
     stats = import_stats()
     differences = 100 * (np.asarray(fusion_on, dtype=float) - np.asarray(fusion_off, dtype=float))
     p_value = None
-    if np.ptp(differences) > 0:
+    if np.ptp(differences) > SPREAD_TOLERANCE:
         p_value = float(stats.ttest_rel(fusion_on, fusion_off).pvalue)
     interval = stats.bootstrap((differences,), np.mean, n_resamples=resamples, confidence_level=0.95,
                                method="percentile", rng=np.random.default_rng(seed)).confidence_interval
@@ -299,22 +315,82 @@ def paired_statistics(fusion_on, fusion_off, resamples: int, seed: int) -> dict:
             "t_test_p_value": p_value, "bootstrap_ci_95": [float(interval.low), float(interval.high)]}
 
 
-def verdict(paired: dict) -> str:
-    """The sentence a comparison ends in, from the top-1 accuracy's paired statistics: better or worse only where the
-    interval excludes 0."""
-    n, (low, high) = len(paired["differences"]), paired["bootstrap_ci_95"]
+def seeds_for_power(spread: float, difference: float = PLANNED_DIFFERENCE, power: float = PLANNED_POWER,
+                    alpha: float = P_VALUE_THRESHOLD) -> int:
+    """The fewest seeds at which the two-sided paired t-test at level `alpha` detects a true mean difference of
+    `difference` points with probability `power`, when the paired differences spread by the standard deviation
+    `spread` (points, > 0): the power of the non-central t distribution (docs/training.md, "How many seeds")."""
+    stats = import_stats()
+    seeds = 2
+    while True:
+        critical = stats.t.ppf(1 - alpha / 2, seeds - 1)
+        shift = difference / spread * np.sqrt(seeds)
+        if stats.nct.sf(critical, seeds - 1, shift) + stats.nct.cdf(-critical, seeds - 1, shift) >= power:
+            return seeds
+        seeds += 1
+
+
+def conclusion(paired: dict) -> dict:
+    """What one metric's paired statistics (see paired_statistics) allow to say: {"outcome", "reason",
+    "suggested_seeds", "sentence"}. The outcome is "better" or "worse" only with at least MIN_SEEDS seeds, a defined
+    t-test p-value below P_VALUE_THRESHOLD and a bootstrap interval that excludes 0; "no difference measured" where
+    every seed's difference is 0; "no conclusion" with too few seeds or differences all equal but not 0 (the t-test
+    is undefined); "no difference detected" otherwise. `suggested_seeds` is how many seeds docs/training.md's rule
+    asks for: SUGGESTED_SEEDS, or more where the observed spread needs them for a 1-point difference."""
+    differences = np.asarray(paired["differences"])
+    n, mean, p_value = len(differences), paired["mean_difference"], paired["t_test_p_value"]
+    low, high = paired["bootstrap_ci_95"]
     interval = f"95 % CI {low:.2f} to {high:.2f}"
-    if low > 0 or high < 0:
-        direction = "better" if low > 0 else "worse"
-        return f"fusion on is {direction} by {abs(paired['mean_difference']):.2f} points ({interval}, {n} seeds)"
-    return f"no difference detected at {n} seeds ({interval} points)"
+    seeds = counted(n, "seed")
+    spread_is_zero = np.ptp(differences) <= SPREAD_TOLERANCE
+    # The spread of fewer than MIN_SEEDS differences (one value, or one degree of freedom) says next to nothing.
+    suggested = SUGGESTED_SEEDS if spread_is_zero or n < MIN_SEEDS else max(
+        SUGGESTED_SEEDS, seeds_for_power(float(np.std(differences, ddof=1))))
+    why_suggested = (f"{suggested} in all, as docs/training.md (\"How many seeds\") suggests"
+                     if suggested == SUGGESTED_SEEDS else f"at this spread a 1-point difference needs {suggested} "
+                     "seeds, docs/training.md, \"How many seeds\"")
+    more = f"run {suggested - n} more ({why_suggested})" if suggested > n else ""
+    if n < MIN_SEEDS:
+        outcome = "no conclusion"
+        # The percentile interval of 2 differences runs from one to the other: it holds their true mean half the time.
+        small = ("one difference has no spread to test it against" if n == 1 else "the t-test of 2 seeds has 1 "
+                 "degree of freedom, and their bootstrap interval, from one difference to the other, holds the true "
+                 "mean only half the time")
+        reason = f"{seeds} cannot support a verdict: it needs at least {MIN_SEEDS} ({small}); {more}"
+        sentence = f"no conclusion at {seeds}: a verdict needs at least {MIN_SEEDS}; {more}"
+    elif spread_is_zero and abs(mean) <= SPREAD_TOLERANCE:
+        outcome = "no difference measured"
+        reason = f"fusion on and off scored exactly the same in each of the {seeds}"
+        sentence = f"no difference measured at {seeds}: fusion on and off scored exactly the same in every seed"
+    elif spread_is_zero:
+        outcome = "no conclusion"
+        reason = (f"every seed differs by exactly {mean:+.2f} points: with no spread the paired t-test is undefined "
+                  "(identical differences usually mean an evaluation split too small to tell the runs apart)")
+        sentence = (f"no conclusion at {seeds}: every seed differs by exactly {mean:+.2f} points, so the t-test is "
+                    "undefined; evaluate on more images" + (f" or {more}" if more else ""))
+    else:
+        failed = []
+        if low <= 0 <= high:
+            failed.append(f"the {interval} points includes 0")
+        if p_value >= P_VALUE_THRESHOLD:
+            failed.append(f"the paired t-test's p = {p_value:.3g} is not below {P_VALUE_THRESHOLD}")
+        if failed:
+            outcome = "no difference detected"
+            reason = " and ".join(failed) + (f"; {more}" if more else "")
+            sentence = f"no difference detected at {seeds} ({interval} points, p = {p_value:.3g})"
+        else:
+            outcome = "better" if mean > 0 else "worse"
+            reason = f"p = {p_value:.3g} is below {P_VALUE_THRESHOLD} and the {interval} points excludes 0"
+            sentence = f"fusion on is {outcome} by {abs(mean):.2f} points ({interval}, {seeds})"
+    return {"outcome": outcome, "reason": reason, "suggested_seeds": suggested, "sentence": sentence}
 
 
 def compare(results: list[dict], resamples: int = 10000, seed: int = 0) -> dict:
     """comparison.json's content from the runs' results (dicts with seed, feature_fusion, output_dir and the
     metrics of `evaluate_model`), each seed with both arms: "runs", "paired" (per paired metric, see
     paired_statistics), "arms" (per arm and metric, mean and sample standard deviation over seeds, fractions),
-    "per_class_wins" (per class, in how many seeds each arm scored higher, and ties), "bootstrap", "verdict"."""
+    "per_class_wins" (per class, in how many seeds each arm scored higher, and ties), "bootstrap", "verdict" (the
+    sentence) and "conclusion" (its outcome, reason, suggested_seeds and rule: see `conclusion`)."""
     arms = {fusion: {result["seed"]: result for result in results if result["feature_fusion"] is fusion}
             for fusion in ARMS}
     seeds = sorted(arms[True])
@@ -323,6 +399,7 @@ def compare(results: list[dict], resamples: int = 10000, seed: int = 0) -> dict:
     on, off = ([arms[fusion][seed] for seed in seeds] for fusion in ARMS)
     paired = {metric: paired_statistics([run[metric] for run in on], [run[metric] for run in off], resamples, seed)
               for metric in PAIRED_METRICS}
+    judged = conclusion(paired["accuracy"])
     summary = {
         ARMS[fusion]: {metric: {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
                        for metric in METRICS
@@ -344,7 +421,8 @@ def compare(results: list[dict], resamples: int = 10000, seed: int = 0) -> dict:
         "arms": summary,
         "per_class_wins": wins,
         "bootstrap": {"method": "percentile", "resamples": resamples, "seed": seed},
-        "verdict": verdict(paired["accuracy"]),
+        "verdict": judged.pop("sentence"),
+        "conclusion": {**judged, "rule": RULE},
     }
 
 
@@ -364,7 +442,7 @@ def comparison_figure(comparison: dict) -> Figure:
         axes.set(title=title, xlabel="seed")
     panels[0].set_ylabel("fusion on minus fusion off (points)")
     panels[0].legend(fontsize=8, loc="best")
-    figure.suptitle(comparison["verdict"], fontsize=9)
+    figure.suptitle(textwrap.fill(comparison["verdict"], 100), fontsize=9)
     return figure
 
 
@@ -399,6 +477,7 @@ def comparison_html(comparison: dict) -> str:
 {PAGE_STYLE}</head><body>
 <h1>FFVT: fusion on or off</h1>
 <p id="verdict"><strong>{e(comparison["verdict"])}</strong> (top-1 accuracy)</p>
+<p id="reason">Why: {e(comparison["conclusion"]["reason"])}. The rule: {e(comparison["conclusion"]["rule"])}.</p>
 <p>Differences are fusion on minus fusion off, in percentage points, seed by seed; the interval is a percentile
 bootstrap of their mean ({comparison["bootstrap"]["resamples"]} resamples), the p-value the paired t-test's.
 Every number: <a href="{COMPARISON_FILE}">{COMPARISON_FILE}</a>.</p>
@@ -435,6 +514,10 @@ def main(argv=None):
     if train_args.demo:  # one copy of the digits for every run
         flags = [*flags, "--demo_data_dir", str(train_args.demo_data_dir)]
     record_settings(output_dir, flags)
+    if len(args.seeds) < MIN_SEEDS:  # said before hours of training, not only in the verdict
+        print(f"ffvt-compare: {counted(len(args.seeds), 'seed')} can support no verdict (it needs at least "
+              f"{MIN_SEEDS}; docs/training.md suggests {SUGGESTED_SEEDS}): the comparison will say \"no conclusion\". "
+              "A rerun with more --seeds trains only the new ones.", file=sys.stderr)
     runs = plan_runs(output_dir, args.seeds)
     launch = shlex.split(args.launch) if args.launch else [sys.executable]
     train_runs(runs, launch, args.train_script, flags, train.PROGRESS_FILE)

@@ -1,4 +1,5 @@
-"""ffvt-demo: a Gradio app that classifies an uploaded image with an FFVT model and shows what MAWS picked.
+"""ffvt-demo: a Gradio app that classifies an uploaded image with an FFVT model and, for a model with feature fusion,
+shows what MAWS picked.
 
     ffvt-demo --model ffvt-cub --examples birds/          # http://127.0.0.1:7860
     ffvt-demo --model user/ffvt-cub --port 8080
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .inputs import check_model_name, load_classifier, scan_images
@@ -138,6 +140,14 @@ def _requirements() -> list[str]:
     return requirements
 
 
+def _feature_fusion(folder) -> bool | None:
+    """Whether the model saved in `folder` has feature fusion; None when its config cannot be read."""
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(folder), "feature_fusion", False))
+    except (OSError, ValueError):
+        return None
+
+
 def write_space(folder, model_name: str, examples=None) -> Path:
     """Write a Gradio Space into `folder`: app.py, requirements.txt, a README.md whose YAML header the Hub reads,
     this package's code, and the model itself when `model_name` is a local folder (a Hub id is loaded by the Space).
@@ -155,6 +165,9 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     images = example_images(examples) if examples is not None else []
     check_model_name(model_name)
     local = Path(model_name).is_dir()
+    fusion = _feature_fusion(model_name) if local else None  # a Hub id is not looked up here: the Space loads it
+    shows = {True: " and the tokens MAWS picked in each layer", False: "",
+             None: " and, for a model with feature fusion, the tokens MAWS picked in each layer"}[fusion]
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PACKAGE, folder / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
     if local:
@@ -182,7 +195,7 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     body = (
         f"\n# FFVT: {Path(model_name).name}\n\nThe `ffvt-demo` app of the FFVT image classifier "
         f"{'saved in ' + SPACE_MODEL_FOLDER + '/' if local else model_name}: upload an image to see its five most "
-        "probable classes and the tokens MAWS picked in each layer.\n"
+        f"probable classes{shows}.\n"
     )
     SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(folder / "README.md")
     return folder

@@ -51,30 +51,40 @@ METRICS = [
 
 
 def draw_card_selection_map(output_dir, image) -> None:
-    """The MAWS selection map of one validation image, drawn by the model saved in `output_dir`, for its card; nothing
-    for a model without feature fusion."""
+    """The MAWS selection map of one validation image, drawn by the model saved in `output_dir`, for its card; for a
+    model without feature fusion none, and a map an earlier model left in the folder (--overwrite_output_dir) is
+    removed, so that neither the card nor an upload shows picks this model never made."""
     with quiet_progress_bars():
         model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     if not model.config.feature_fusion:
+        Path(output_dir, SELECTION_MAP_FILE).unlink(missing_ok=True)
         return
     with torch.no_grad():
         picture, _ = selection_map(model, load_image_processor(output_dir), load_rgb(image))
     picture.save(Path(output_dir, SELECTION_MAP_FILE))
 
 
+def dataset_title(dataset: str, subset: str | None = None) -> str:
+    """How cards and messages name data: "NAME", or "NAME (SUBSET)" for a subset (configuration) of a data set."""
+    return dataset if subset is None else f"{dataset} ({subset})"
+
+
 def write_model_card(
     output_dir, *, repo_id: str, dataset: str, dataset_id: str | None, base_model: str | None, num_classes: int,
     hyperparameters: dict, best: dict, evaluated: str = "validation", held_out: float | None = None,
-    feature_fusion: bool = True,
+    feature_fusion: bool = True, dataset_config: str | None = None,
 ) -> None:
     """README.md in `output_dir` for the model saved there (`feature_fusion` False: the baseline without a fusion
     layer, which MAWS does not feed).
 
-    `dataset` names the data in prose; `dataset_id` and `base_model` are Hub ids for the YAML (None for local
+    `dataset` names the data (its Hub id, or a local folder's name) and `dataset_config` its subset, if any: the
+    model-index's `dataset` gets them as `type` and `config` (the Hub's schema: {type, name, config, split}), its
+    `name` and the prose "NAME (SUBSET)"; `dataset_id` and `base_model` are Hub ids for the YAML (None for local
     data or starts); `hyperparameters` become the training table, name to value; `best` holds the evaluation results
     of the saved model (METRICS' keys, "eval_loss" and "step"), on the split named `evaluated` ("test",
     "validation", ...) or, when `held_out` is a fraction, on that part of train held out from training.
     """
+    title = dataset_title(dataset, dataset_config)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
@@ -85,8 +95,8 @@ def write_model_card(
         model_name=repo_id,
         eval_results=[
             EvalResult(
-                task_type="image-classification", dataset_type=dataset,
-                dataset_name=dataset, dataset_split=evaluated, metric_type=metric_type, metric_name=name,
+                task_type="image-classification", dataset_type=dataset, dataset_name=title,
+                dataset_config=dataset_config, dataset_split=evaluated, metric_type=metric_type, metric_name=name,
                 metric_value=round(best[key], 4),
             )
             for metric_type, name, key in METRICS
@@ -101,7 +111,7 @@ def write_model_card(
                   else f"the validation split ({held_out:.0%} of train, held out from training)")
     scores = "\n".join(f"| {name} | {best[key]:.4f} |" for _, name, key in METRICS)
     selection_map_section = ""
-    if Path(output_dir, SELECTION_MAP_FILE).exists():
+    if feature_fusion and Path(output_dir, SELECTION_MAP_FILE).exists():
         selection_map_section = f"""
 ## What MAWS picks
 
@@ -117,7 +127,7 @@ each patch was picked across layers.
     body = f"""
 # {markdown_text(repo_id)}
 
-An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classes} classes of {markdown_text(dataset)},
+An FFVT (Feature Fusion Vision Transformer) image classifier for the {num_classes} classes of {markdown_text(title)},
 trained with `train_hf.py` of modeling_ffvt, the Transformers port of [FFVT](https://github.com/Markin-Wang/FFVT)
 (Wang, Yu and Gao, BMVC 2021, [arXiv:2107.02341](https://arxiv.org/abs/2107.02341)). FFVT is a ViT whose last layer
 attends only to the CLS token and to the tokens that mutual attention weight selection (MAWS) picks from every

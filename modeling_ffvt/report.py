@@ -1,12 +1,13 @@
 """The evaluation report `ffvt-evaluate --report OUT` writes: what the model scored image by image, pictures of
-where it fails and what MAWS looked at, and one HTML page that shows them offline.
+where it fails and (for a model with feature fusion) what MAWS looked at, and one HTML page that shows them offline.
 
-    OUT/metrics.json            accuracies, per-class accuracy and image counts, the confused pairs, and every
-                                mistake as {file, true, predicted, probability}
+    OUT/metrics.json            accuracies, per-class accuracy and image counts, the confused pairs, every mistake
+                                as {file, true, predicted, probability}, and whether the model has feature fusion
     OUT/per_class_accuracy.png  every class's accuracy sorted, and the worst classes by name
     OUT/confusion_matrix.png    the confusion matrix restricted to the most confused classes
     OUT/confused_pair_N.png     for the N-th most confused pair: misclassified images and an image of the class they
-                                were taken for, each with its selection map (how many layers MAWS picked each patch)
+                                were taken for, each with its selection map (how many layers MAWS picked each
+                                patch) when the model has feature fusion; a baseline without it picks nothing
     OUT/report.html             all of it on one page, with the run's summary and the most confident mistakes
 
 The pictures cover the worst classes and the most confused pairs only, so a large set costs one forward pass more
@@ -175,7 +176,9 @@ def _write_files(folder, summary, scores, references, rankings, probabilities, m
     entries = split.select(wrong)[image_column] if wrong else []
     names = {index: image_name(entry, index) for index, entry in zip(wrong, entries)}
     mistakes = list_mistakes(references, rankings, probabilities, names, id2label)
-    metrics = {**summary, "num_images": len(references), **scores, **per_image, "mistakes": mistakes}
+    fusion = bool(getattr(model.config, "feature_fusion", False))
+    metrics = {**summary, "feature_fusion": fusion, "num_images": len(references), **scores, **per_image,
+               "mistakes": mistakes}
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     figures = [(PER_CLASS_FILE, _per_class_figure(per_image["per_class_accuracy"], per_image["per_class_images"]))]
@@ -328,7 +331,9 @@ def _html(metrics: dict, pictures: list[str]) -> str:
     e = html.escape
     mistakes = metrics["mistakes"]
     summary = [
-        ("model", metrics.get("model")), ("data", metrics.get("data")),
+        ("model", metrics.get("model")),
+        ("feature fusion", "on" if metrics["feature_fusion"] else "off (baseline: the backbone's own last layer)"),
+        ("data", metrics.get("data")),
         ("split", "none: the folder is evaluated whole" if metrics.get("split") is None else metrics["split"]),
         ("images", metrics["num_images"]), ("classes present", len(metrics["per_class_images"])),
         ("mistakes", len(mistakes)), ("top-1 accuracy", f"{metrics['accuracy']:.4f}"),
@@ -352,6 +357,7 @@ def _html(metrics: dict, pictures: list[str]) -> str:
         for mistake in confident
     )
     figures = "".join(f'<figure><img src="{e(name)}" alt="{e(name)}"></figure>' for name in pictures)
+    pairs_below = "; below it, how many layers MAWS picked each patch" if metrics["feature_fusion"] else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>FFVT evaluation: {e(str(metrics.get("model")))}</title>
 {PAGE_STYLE}</head><body>
@@ -359,7 +365,7 @@ def _html(metrics: dict, pictures: list[str]) -> str:
 <table id="summary">{rows}</table>
 <p>Every number, with each class's accuracy and every mistake: <a href="{METRICS_FILE}">{METRICS_FILE}</a>.</p>
 <h2>Pictures</h2>
-<p>Confused pairs show each image as the model saw it; below it, how many layers MAWS picked each patch.</p>
+<p>Confused pairs show each image as the model saw it{pairs_below}.</p>
 {figures}
 <h2>The {counted(len(worst), "worst class", "worst classes")}</h2>
 <table id="worst"><tr><th>class</th><th>accuracy</th><th>images</th></tr>{worst_rows}</table>

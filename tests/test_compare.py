@@ -3,6 +3,7 @@ demo end to end (its training runs are subprocesses, as a user's are), its stati
 recomputed by hand, its verdict on hand-made results, a rerun, and what the two arms of a seed are trained on (in
 process, through the train_step of train_hf.py)."""
 
+import html
 import json
 import shlex
 import subprocess
@@ -186,7 +187,7 @@ def check_statistics(comparison):
         differences = 100 * (np.array(on) - np.array(off))
         np.testing.assert_allclose(paired["differences"], differences, rtol=1e-12)
         assert paired["mean_difference"] == pytest.approx(differences.mean(), rel=1e-12)
-        if np.ptp(differences) > 0:
+        if np.ptp(differences) > 1e-9:  # equal hit counts apart in every seed: no spread, whatever the rounding
             assert paired["t_test_p_value"] == pytest.approx(stats.ttest_rel(on, off).pvalue, rel=1e-12)
         else:
             assert paired["t_test_p_value"] is None
@@ -202,19 +203,82 @@ def check_statistics(comparison):
 @pytest.mark.parametrize("differences, sentence", [
     ([1.0, 1.5, 2.0, 1.2, 1.8], "fusion on is better by 1.50 points (95 % CI {:.2f} to {:.2f}, 5 seeds)"),
     ([-1.0, -1.5, -2.0, -1.2, -1.8], "fusion on is worse by 1.50 points (95 % CI {:.2f} to {:.2f}, 5 seeds)"),
-    ([2.0, -1.5, 0.5, -1.0, 0.3], "no difference detected at 5 seeds (95 % CI {:.2f} to {:.2f} points)"),
-], ids=["better", "worse", "no-difference"])
-def test_the_verdict_follows_the_interval(differences, sentence):
+    ([2.0, -1.5, 0.5, -1.0, 0.3], "no difference detected at 5 seeds (95 % CI {:.2f} to {:.2f} points, p = {:.3g})"),
+    # The interval excludes 0 (it runs from the lowest difference up), but p = 0.19: three seeds this spread apart
+    # cannot tell, and the verdict says so.
+    ([0.5, 1.0, 3.0], "no difference detected at 3 seeds (95 % CI {:.2f} to {:.2f} points, p = {:.3g})"),
+], ids=["better", "worse", "interval-holds-0", "p-above-threshold"])
+def test_the_verdict_follows_the_interval_and_the_t_test(differences, sentence):
     comparison = compare.compare(hand_made_results(differences), resamples=2000, seed=3)
     check_statistics(comparison)
     low, high = bootstrap_by_hand(differences, 2000, 3)
-    assert (low > 0 or high < 0) == ("detected" not in sentence)
-    assert comparison["verdict"] == sentence.format(low, high)
+    p_value = stats.ttest_1samp(differences, 0).pvalue  # the paired t-test is the one-sample test of the differences
+    assert comparison["verdict"] == sentence.format(low, high, p_value)
+    supported = bool((low > 0 or high < 0) and p_value < 0.05)
+    assert (comparison["conclusion"]["outcome"] in ("better", "worse")) is supported
+    if not supported:
+        assert ("includes 0" in comparison["conclusion"]["reason"]) is bool(low <= 0 <= high)
+        assert ("is not below 0.05" in comparison["conclusion"]["reason"]) is bool(p_value >= 0.05)
     # Class a follows top-1; class b is fusion off's in every seed; class c ties.
-    a_won_by_on = sum(d > 0 for d in differences)
-    assert comparison["per_class_wins"]["a"] == {"fusion_on": a_won_by_on, "fusion_off": 5 - a_won_by_on, "ties": 0}
-    assert comparison["per_class_wins"]["b"] == {"fusion_on": 0, "fusion_off": 5, "ties": 0}
-    assert comparison["per_class_wins"]["c"] == {"fusion_on": 0, "fusion_off": 0, "ties": 5}
+    n, a_won_by_on = len(differences), sum(d > 0 for d in differences)
+    assert comparison["per_class_wins"]["a"] == {"fusion_on": a_won_by_on, "fusion_off": n - a_won_by_on, "ties": 0}
+    assert comparison["per_class_wins"]["b"] == {"fusion_on": 0, "fusion_off": n, "ties": 0}
+    assert comparison["per_class_wins"]["c"] == {"fusion_on": 0, "fusion_off": 0, "ties": n}
+
+
+def runs_of_hits(hits_on, hits_off, images):
+    """Hand-made runs whose top-1 accuracy is hits / images, seed by seed, as an evaluation computes it."""
+    results = hand_made_results([0.0] * len(hits_on))
+    for run in results:
+        hits = (hits_on if run["feature_fusion"] else hits_off)[run["seed"]]
+        run["accuracy"] = hits / images
+    return results
+
+
+@pytest.mark.parametrize("hits_on, hits_off, outcome, sentence", [
+    # The report of the first trial: two seeds whose differences are identical got "better by 1.00 (95 % CI 1.00 to
+    # 1.00)", with an undefined p-value.
+    ([81, 71], [80, 70], "no conclusion", 'no conclusion at 2 seeds: a verdict needs at least 3; run 3 more (5 in all, '
+     'as docs/training.md ("How many seeds") suggests)'),
+    ([84, 70], [80, 70], "no conclusion", "no conclusion at 2 seeds"),
+    # The same hit counts apart in each seed: equal differences, though not in floating point (81/100 - 80/100 and
+    # 71/100 - 70/100 differ in the 15th digit), which a t-test reads as an all but certain difference.
+    ([81, 71, 91], [80, 70, 90], "no conclusion", "no conclusion at 3 seeds: every seed differs by exactly +1.00 "
+     "points, so the t-test is undefined; evaluate on more images or run 2 more"),
+    ([80, 70, 90, 60, 50], [80, 70, 90, 60, 50], "no difference measured", "no difference measured at 5 seeds: fusion "
+     "on and off scored exactly the same in every seed"),
+], ids=["2-seeds-identical", "2-seeds", "3-seeds-identical", "all-equal"])
+def test_no_verdict_without_seeds_or_spread_to_support_it(hits_on, hits_off, outcome, sentence):
+    comparison = compare.compare(runs_of_hits(hits_on, hits_off, 100), resamples=500)
+    check_statistics(comparison)
+    differences = comparison["paired"]["accuracy"]["differences"]
+    assert differences == pytest.approx([on - off for on, off in zip(hits_on, hits_off)], abs=1e-9)
+    assert comparison["verdict"].startswith(sentence)
+    judged = comparison["conclusion"]
+    assert judged["outcome"] == outcome and judged["suggested_seeds"] == 5
+    assert judged["reason"] and judged["rule"] == compare.RULE
+    assert "better" not in comparison["verdict"] and "worse" not in comparison["verdict"]
+    if len(set(np.subtract(hits_on, hits_off))) == 1:
+        assert comparison["paired"]["accuracy"]["t_test_p_value"] is None
+    # One seed: no statistics at all (ffvt-compare refuses it, see test_unusable_commands_are_explained).
+    one = compare.conclusion({"differences": [1.0], "mean_difference": 1.0, "t_test_p_value": None,
+                              "bootstrap_ci_95": [1.0, 1.0]})
+    assert one["outcome"] == "no conclusion" and one["sentence"].startswith("no conclusion at 1 seed: ")
+
+
+def test_the_seeds_suggested_are_the_docs_power_table():
+    """docs/training.md: a 1-point difference, two-sided 5 %, 80 % power needs 5 seeds at a spread of 0.5 point (power
+    0.91), 7 at 0.75 and 10 at 1 (5 seeds give 0.40). The powers are checked by simulating t-tests of normal
+    differences; at a spread of 1 point, three seeds make the verdict ask for 10."""
+    assert [compare.seeds_for_power(spread) for spread in (0.5, 0.75, 1.0)] == [5, 7, 10]
+    rng = np.random.default_rng(0)
+    for spread, seeds, power in ((0.5, 5, 0.91), (1.0, 5, 0.40), (1.0, 10, 0.80), (1.0, 9, 0.75)):
+        differences = rng.normal(1.0, spread, (20000, seeds))
+        simulated = np.mean(stats.ttest_1samp(differences, 0, axis=1).pvalue < 0.05)
+        assert simulated == pytest.approx(power, abs=0.015), (spread, seeds)
+    comparison = compare.compare(hand_made_results([1.0, -0.5, 0.8]), resamples=500)  # spread 0.79 points
+    assert comparison["conclusion"]["suggested_seeds"] == compare.seeds_for_power(np.std([1.0, -0.5, 0.8], ddof=1))
+    assert "run 5 more (at this spread a 1-point difference needs 8 seeds" in comparison["conclusion"]["reason"]
 
 
 def test_a_two_seed_comparison_on_the_digits_demo_and_its_rerun(monkeypatch, tmp_path, capsys):
@@ -244,7 +308,10 @@ def test_a_two_seed_comparison_on_the_digits_demo_and_its_rerun(monkeypatch, tmp
     compare.main(argv)
     assert len(launched) == 4
     comparison = json.loads((output_dir / "comparison.json").read_text())
-    assert capsys.readouterr().out.splitlines()[-2] == comparison["verdict"]
+    output = capsys.readouterr()
+    assert output.out.splitlines()[-2] == comparison["verdict"]
+    assert "2 seeds can support no verdict (it needs at least 3" in output.err  # said before training
+    assert comparison["verdict"].startswith("no conclusion at 2 seeds: a verdict needs at least 3")
     assert [(run["seed"], run["feature_fusion"]) for run in comparison["runs"]] == [(0, True), (0, False), (1, True),
                                                                                    (1, False)]
     check_statistics(comparison)
@@ -261,7 +328,8 @@ def test_a_two_seed_comparison_on_the_digits_demo_and_its_rerun(monkeypatch, tmp
             folder / "README.md").text
         assert json.loads((folder / "config.json").read_text())["feature_fusion"] is run["feature_fusion"]
     page = (output_dir / "comparison.html").read_text()
-    assert comparison["verdict"] in page and 'src="comparison.png"' in page and "http" not in page
+    assert html.escape(comparison["verdict"]) in page and 'src="comparison.png"' in page and "http" not in page
+    assert html.escape(comparison["conclusion"]["reason"]) in page
     with Image.open(output_dir / "comparison.png") as picture:
         assert picture.width > 300
 
@@ -298,6 +366,9 @@ def test_unusable_commands_are_explained(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--output_dir", str(tmp_path), "--seeds", "0"])
     assert "give train_hf.py's flags after --" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--output_dir", str(tmp_path), "--seeds", "0", "--", "--demo"])
+    assert "--seeds 0: give at least two different seeds" in capsys.readouterr().err
     assert compare.TRAIN_SCRIPT == REPOSITORY / "train_hf.py"
     save_tiny_model(tmp_path / "trained", ["a", "b"])
     with pytest.raises(SystemExit, match="is a trained FFVT, which cannot start both arms"):

@@ -114,8 +114,28 @@ def test_write_space(space):
     assert "gradio" in requirements and any(line.startswith("transformers") for line in requirements)
     assert json.loads((space / "model" / "config.json").read_text())["id2label"]["3"] == "digit 3"
     assert len(list((space / "examples").glob("*.png"))) == 2
+    assert "probable classes and the tokens MAWS picked in each layer." in card.text
     with pytest.raises(SystemExit, match=f"--write_space {space} exists and is not empty: give a new or empty folder"):
         main(["--model", str(model_folder), "--write_space", str(space)])
+
+
+def test_a_baseline_page_and_space_speak_of_no_maws(tmp_path):
+    """A model without feature fusion picks no tokens: neither its page nor its Space's README promise MAWS picks,
+    and the page's picture stays hidden; a Hub id's README (not looked up) says the picks need feature fusion."""
+    config = tiny_config(num_labels=10, id2label=dict(enumerate(CLASSES)), feature_fusion=False)
+    model = randomized(FFVTForImageClassification(config))
+    model.save_pretrained(tmp_path / "baseline")
+    make_image_processor(32, 36).save_pretrained(tmp_path / "baseline")
+    main(["--model", str(tmp_path / "baseline"), "--write_space", str(tmp_path / "space")])
+    assert "MAWS" not in SpaceCard.load(tmp_path / "space" / "README.md").text
+    demo = build_demo(model.eval(), make_image_processor(32, 36))
+    texts = [block.value for block in demo.blocks.values() if isinstance(block, gradio.Markdown)]
+    assert texts and not any("MAWS" in text for text in texts)
+    (picture,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "ffvt-selection-map"]
+    assert picture.visible is False
+    main(["--model", "user/ffvt-cub", "--write_space", str(tmp_path / "hub_space")])
+    assert "and, for a model with feature fusion, the tokens MAWS picked" in SpaceCard.load(
+        tmp_path / "hub_space" / "README.md").text
 
 
 @pytest.mark.slow

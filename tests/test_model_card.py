@@ -72,13 +72,15 @@ def rendered(inline) -> str:
 def test_a_baseline_card_and_hint_claim_no_maws(tmp_path):
     """A model trained with --no_feature_fusion has no fusion layer for MAWS to feed: its card says it is the baseline,
     promises no MAWS picks in the demo, and the hint after training offers no selection map (which ffvt-predict
-    refuses for it)."""
+    refuses for it), even where a selection map lies in its folder."""
     from train_hf import next_steps
 
+    (tmp_path / "selection_map.png").write_bytes(b"")  # left by a fusion model trained into the same folder
     for fusion in (True, False):
         write_model_card(tmp_path, repo_id="ffvt-cub", dataset="CUB", dataset_id=None, base_model=None, num_classes=3,
                          hyperparameters={}, best=BEST, evaluated="test", feature_fusion=fusion)
         text = (tmp_path / "README.md").read_text()
         assert ("This model is the baseline without feature fusion" in text) is not fusion
         assert ("the tokens MAWS picked in each layer" in text) is fusion
+        assert ("## What MAWS picks" in text) is fusion
         assert ("--selection_map" in next_steps(tmp_path, None, "--data_dir val", fusion)) is fusion

@@ -294,6 +294,33 @@ def test_mistakes_are_named_by_file_or_row(hand_made_run, tmp_path, drawn_texts)
     assert "<h2>The 3 most confident mistakes</h2>" in page
 
 
+@pytest.mark.parametrize("fusion", [False, True], ids=["fusion-off", "fusion-on"])
+def test_the_report_of_a_baseline_speaks_only_of_what_it_has(hand_made_run, tmp_path, drawn_texts, fusion):
+    """A model without feature fusion (train_hf.py --no_feature_fusion) picks no tokens: no text of its report, page,
+    picture or metrics.json key speaks of MAWS, picks or selection maps, and the summary says fusion is off. The same
+    report of a fusion model speaks of them (so the check can tell)."""
+    run, _ = hand_made_run
+    run["model"] = randomized(FFVTForImageClassification(tiny_config(
+        num_hidden_layers=2, num_labels=3, id2label=run["model"].config.id2label, feature_fusion=fusion)))
+    write_report(tmp_path / "out", **run)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    page = (tmp_path / "out" / "report.html").read_text()
+    texts = [text for texts in drawn_texts.values() for text, _ in texts]
+    assert "confused_pair_1.png" in drawn_texts and f'src="{report.PAIR_FILE.format(1)}"' in page
+
+    def keys(value):
+        if isinstance(value, dict):
+            return [*value, *(key for item in value.values() for key in keys(item))]
+        return [key for item in value for key in keys(item)] if isinstance(value, list) else []
+
+    speaks = re.compile(r"MAWS|pick|select", re.IGNORECASE)
+    said = [text for text in [page, *texts, *keys(metrics)] if speaks.search(text)]
+    assert bool(said) is fusion, said
+    assert metrics["feature_fusion"] is fusion
+    cells = TableCells(page).cells
+    assert cells[cells.index("m") + 1] == ("on" if fusion else "off (baseline: the backbone's own last layer)")
+
+
 @pytest.mark.parametrize("num_classes", [1, 2, 3, 7])
 def test_the_class_rank_axis_has_whole_ticks(num_classes):
     names = [f"class {index}" for index in range(num_classes)]

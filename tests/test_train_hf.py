@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from huggingface_hub import ModelCard, metadata_load
 from PIL import Image
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from conftest import FIXTURES, digits_of, randomized, run_python, tiny_config, write_digits
-from modeling_ffvt import FFVTForImageClassification
+from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.data import FGVCTransform, ProcessorTransform
 from modeling_ffvt.evaluate_cli import load_split
 from modeling_ffvt.evaluate_cli import parse_args as evaluate_args
@@ -37,6 +37,8 @@ from train_hf import (
     next_steps,
     parse_args,
     prepare_data,
+    training_method,
+    write_results_and_card,
 )
 from train_hf import main as train_main
 
@@ -506,6 +508,51 @@ def test_dataset_config_name_reaches_the_data(environment, tmp_path):
     common = ["--dataset_name", data, "--config_name", SMALL_MODEL, "--output_dir", tmp_path / "out"]
     assert "choose one with --dataset_config_name (fine, coarse)" in stopped(environment, *common)
     assert "--dataset_config_name medium: " in stopped(environment, *common, "--dataset_config_name", "medium")
+
+
+def test_a_subset_run_s_card_writes_the_subset_as_the_model_index_config(environment, tmp_path):
+    """The Hub's model-index schema has dataset: {type, name, config, split}: a --dataset_config_name run writes the
+    subset as config, and type is the plain data set (its Hub id, or the local folder's name). Read back raw and by
+    the Hub's parser. The local run is also a baseline (--no_feature_fusion) trained into a folder where a fusion
+    model's selection map was left: its card has no num_token row and no MAWS section, and the stale map is gone."""
+    from test_splits import SUBSETS, write_subsets
+
+    data = write_subsets(tmp_path / "birds", SUBSETS)
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    Image.new("RGB", (8, 8)).save(output_dir / "selection_map.png")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        try:
+            train_main([str(arg) for arg in ("--dataset_name", data, "--dataset_config_name", "fine", "--config_name",
+                                             SMALL_MODEL, "--no_feature_fusion", "--recipe", "plain", "--resize_size",
+                                             32, "--max_train_steps", 1, "--num_warmup_steps", 0, "--output_dir",
+                                             output_dir)])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    card = ModelCard.load(output_dir / "README.md")
+    (results,) = metadata_load(output_dir / "README.md")["model-index"]
+    assert [result["dataset"] for result in results["results"]] == [
+        {"name": "birds (fine)", "type": "birds", "config": "fine", "split": "test"}]
+    assert {(result.dataset_type, result.dataset_config) for result in card.data.eval_results} == {("birds", "fine")}
+    assert "classes of birds (fine)," in card.text
+    assert "| num\\_token |" not in card.text and "MAWS picks" not in card.text
+    assert not (output_dir / "selection_map.png").exists()
+
+    # A Hub data set: type is its id, which the card's datasets list names too.
+    args = parse_args(["--dataset_name", "user/birds", "--dataset_config_name", "fine", "--config_name", SMALL_MODEL,
+                       "--output_dir", str(tmp_path / "hub")])
+    (tmp_path / "hub").mkdir()
+    write_results_and_card(args, Accelerator(), FFVTConfig(**json.loads(SMALL_MODEL), num_labels=3),
+                           json.loads((output_dir / "all_results.json").read_text()), {},
+                           Plan(32, 1, 1, "test", None, training_method(args),
+                                {"trainable_parameters": 1, "total_parameters": 1}))
+    metadata = metadata_load(tmp_path / "hub" / "README.md")
+    assert metadata["datasets"] == ["user/birds"]
+    assert [result["dataset"] for result in metadata["model-index"][0]["results"]] == [
+        {"name": "user/birds (fine)", "type": "user/birds", "config": "fine", "split": "test"}]
+    assert "| num\\_token | 2 |" in (tmp_path / "hub" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("subset, eval_split", [("fine", None), ("coarse", "train")])
