@@ -46,7 +46,7 @@ from .configuration_ffvt import FFVTConfig
 from .data import ImageClassificationDataset, ProcessorTransform
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import InputError, counted, exits_on_input_error, load_classifier
-from .report import METRICS_FILE, PAGE_STYLE, score_images
+from .report import METRICS_FILE, PAGE_STYLE, literal_text, score_images
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_hf.py"  # in a clone installed with pip install -e .
 SETTINGS_FILE = "compare_settings.json"
@@ -496,7 +496,7 @@ Every number: <a href="{COMPARISON_FILE}">{COMPARISON_FILE}</a>.</p>
 
 def write_comparison(output_dir: Path, comparison: dict) -> None:
     (output_dir / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2) + "\n")
-    with matplotlib.rc_context({"text.parse_math": False}):  # names and numbers drawn as written, never as TeX
+    with matplotlib.rc_context(literal_text([comparison["verdict"]])):
         comparison_figure(comparison).savefig(output_dir / PICTURE_FILE, dpi=100)
     (output_dir / HTML_FILE).write_text(comparison_html(comparison))
 

@@ -20,13 +20,16 @@ import html
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
+from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
@@ -35,9 +38,6 @@ from .data import load_rgb
 from .inputs import counted
 from .selection_map import model_input_image, pick_counts
 
-# Class names are user data: "$1" and "$5" in one title would be parsed as mathtext ("Ba$$in" fails to parse), and
-# a matplotlibrc with text.usetex would hand them to TeX.
-LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class_accuracy.png"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -122,6 +122,39 @@ def list_mistakes(references, rankings, probabilities, names: dict, id2label) ->
     ]
 
 
+def literal_text(texts) -> dict:
+    """matplotlib settings that draw `texts` (class names: user data) as written. No mathtext: "$1" and "$5" in one
+    title would be parsed as a formula ("Ba$$in" fails to parse); no TeX, which a matplotlibrc may turn on. And a font
+    for every character: DejaVu Sans (matplotlib's own: Latin, Greek, Cyrillic), then the installed fonts that have
+    the characters it lacks (a CJK font for Chinese or Japanese names), found among the system's fonts because
+    matplotlib's font cache misses fonts installed after it was built. Warns, naming the characters, when no
+    installed font has some: those are drawn as boxes."""
+    settings = {"text.parse_math": False, "text.usetex": False}
+    default = font_manager.findfont("DejaVu Sans")
+    missing = {ord(c) for text in texts for c in str(text) if c.isprintable() and not c.isspace()}
+    missing -= set(FT2Font(default).get_charmap())
+    if not missing:
+        return settings
+    families = ["DejaVu Sans"]
+    for path in font_manager.findSystemFonts():
+        try:
+            covered = missing & set(FT2Font(path).get_charmap())
+        except (OSError, RuntimeError, ValueError):  # a font FreeType cannot open
+            continue
+        if covered:
+            font_manager.fontManager.addfont(path)
+            families.append(font_manager.FontProperties(fname=path).get_name())
+            missing -= covered
+        if not missing:
+            break
+    if missing:
+        warnings.warn(f"No installed font has {''.join(map(chr, sorted(missing)))} (of the class names): the pictures "
+                      "draw boxes for them, the HTML and JSON files have them as written. Install a font that has them "
+                      "(Debian and Ubuntu: apt-get install fonts-noto-cjk for Chinese, Japanese and Korean) and write "
+                      "the pictures again.", stacklevel=2)
+    return {**settings, "font.family": families}
+
+
 def write_report(
     folder, *, summary: dict, scores: dict, references, rankings, probabilities, model, processor, split, image_column
 ):
@@ -151,7 +184,8 @@ def write_report(
     partial = folder.absolute().with_name(f".{folder.absolute().name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     partial.mkdir()
     try:
-        with matplotlib.rc_context(LITERAL_TEXT):
+        with matplotlib.rc_context(literal_text(model.config.id2label.values())), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)  # literal_text said it once
             _write_files(partial, summary, scores, references, rankings, probabilities, model, processor, split,
                          image_column)
     except BaseException:

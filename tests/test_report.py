@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -10,7 +11,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+from matplotlib.text import Text
 from PIL import Image
 
 from conftest import digits_of, randomized, run_python, save_tiny_model, tiny_config, write_digits
@@ -319,6 +323,53 @@ def test_the_report_of_a_baseline_speaks_only_of_what_it_has(hand_made_run, tmp_
     assert metrics["feature_fusion"] is fusion
     cells = TableCells(page).cells
     assert cells[cells.index("m") + 1] == ("on" if fusion else "off (baseline: the backbone's own last layer)")
+
+
+CJK_NAMES = {0: "猫头鹰", 1: "麻雀", 2: "wren"}
+
+
+def drawable(text) -> bool:
+    """Whether every character of a drawn matplotlib Text is in one of the fonts its family list resolves to."""
+    characters = {ord(c) for c in text.get_text() if not c.isspace()}
+    for family in text.get_fontfamily():
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        characters -= set(FT2Font(path).get_charmap())
+    return not characters
+
+
+def test_class_names_of_any_script_are_drawn_with_a_font_that_has_them(hand_made_run, tmp_path, monkeypatch):
+    """matplotlib draws with DejaVu Sans, which has no CJK characters: Chinese names were boxes. An installed font
+    that has them is found, also one installed after matplotlib's font cache was built."""
+    if not any(CJK_NAMES[0][0] in map(chr, FT2Font(path).get_charmap()) for path in font_manager.findSystemFonts()):
+        pytest.skip("no CJK font installed (.ci/run installs fonts-wqy-microhei)")
+    texts = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, *args, **kwargs: (
+        save(figure, path, *args, **kwargs), texts.extend(figure.findobj(Text))))
+    run, _ = hand_made_run
+    run["model"].config.id2label = CJK_NAMES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither our warning nor matplotlib's per missing glyph
+        write_report(tmp_path / "out", **run)
+    named = [text for text in texts if any(name in text.get_text() for name in CJK_NAMES.values())]
+    assert all(any(name in text.get_text() for text in named) for name in CJK_NAMES.values())
+    assert all(drawable(text) for text in named), [t.get_text() for t in named if not drawable(t)]
+
+
+def test_characters_no_font_has_are_named_once(hand_made_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *args, **kwargs: [])
+    run, _ = hand_made_run
+    run["model"].config.id2label = CJK_NAMES
+    with pytest.warns(UserWarning) as caught:
+        write_report(tmp_path / "out", **run)
+    messages = [str(warning.message) for warning in caught]
+    assert messages == [
+        "No installed font has 头猫雀鹰麻 (of the class names): the pictures draw boxes for them, the HTML and JSON "
+        "files have them as written. Install a font that has them (Debian and Ubuntu: apt-get install fonts-noto-cjk "
+        "for Chinese, Japanese and Korean) and write the pictures again."
+    ]
+    assert sorted(json.loads((tmp_path / "out" / "metrics.json").read_text("utf-8"))["per_class_accuracy"]) == sorted(
+        CJK_NAMES.values())
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 3, 7])
