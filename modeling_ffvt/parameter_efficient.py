@@ -167,6 +167,7 @@ class TrainingMethod:
 
 
 def _cast_input(module: nn.Module, args: tuple) -> tuple:
+    module.given_dtype = next((arg.dtype for arg in args if torch.is_tensor(arg) and arg.is_floating_point()), None)
     return tuple(
         arg.to(module.weight.dtype) if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
         for arg in args
@@ -174,17 +175,21 @@ def _cast_input(module: nn.Module, args: tuple) -> tuple:
 
 
 def _cast_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    # Under autocast the next operation casts as it needs; without it the activations stay float32, as the trained
-    # weights downstream are.
-    return output if torch.is_autocast_enabled(output.device.type) else output.float()
+    # Back to the dtype the layer was given: float32 on its own, as the trained weights downstream are; the compute
+    # dtype under FSDP's mixed precision, which casts every weight to it (a float32 output would meet bf16 LayerNorm
+    # weights). Under autocast the next operation casts as it needs.
+    if torch.is_autocast_enabled(output.device.type) or module.given_dtype is None:
+        return output
+    return output.to(module.given_dtype)
 
 
 def hold_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
     """
     Holds the frozen linear and convolution layers of `model` (those with no parameter that requires a gradient) in
     `dtype`, as peft users load a base model in bf16 beside float32 adapters: their weights and biases are cast, their
-    input is cast to `dtype` on the way in and their output back to float32 on the way out (left to autocast's rules
-    under autocast), so that the float32 parts around them (LoRA's matrices, the fusion layer, the head) get float32.
+    input is cast to `dtype` on the way in and their output back to the dtype they were given on the way out (left to
+    autocast's rules under autocast), so that the float32 parts around them (LoRA's matrices, the fusion layer, the
+    head) get float32, and under FSDP's mixed precision the compute dtype it gives every layer.
     The frozen LayerNorms, layer scales, CLS and register tokens and position embeddings, a few thousandths of the
     weights, stay float32. Returns the number of parameters cast.
     """

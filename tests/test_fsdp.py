@@ -10,7 +10,7 @@ WORKER = textwrap.dedent('''
     import copy, sys, tempfile
     import torch, torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     sys.path.insert(0, "tests")
     from conftest import randomized, tiny_config
     from modeling_ffvt import FFVTForImageClassification
@@ -27,10 +27,14 @@ WORKER = textwrap.dedent('''
         error = (ours - theirs).abs().max().item()
         assert error < 1e-6, f"{name}: {error}"
 
-    for lora in (False, True):
+    # Full fine-tuning, LoRA, and LoRA and a frozen backbone with their frozen weights held in bf16: FSDP2 gathers
+    # each layer's bf16 frozen weights beside its float32 LoRA matrices.
+    for lora, frozen, held in ((False, False, "float32"), (True, False, "float32"), (True, False, "bfloat16"),
+                               (False, True, "bfloat16")):
         model = randomized(FFVTForImageClassification(tiny_config(num_labels=3, hidden_dropout_prob=0.0)))
         torch.manual_seed(1)
-        model = TrainingMethod(lora_rank=2 if lora else 0).apply(model).train()
+        method = TrainingMethod(lora_rank=2 if lora else 0, freeze_backbone=frozen, frozen_weights_dtype=held)
+        model = method.apply(model).train()
         reference, sharded = model, copy.deepcopy(model)
         for module in sharded.modules():
             if isinstance(module, FFVTLayer):  # the plain layers and the fusion layer
@@ -61,18 +65,48 @@ WORKER = textwrap.dedent('''
                 whole = (merged_model(whole) if lora else whole).eval()
                 whole.save_pretrained(folder)
                 loaded = FFVTForImageClassification.from_pretrained(folder).eval()
-                with torch.no_grad():
-                    assert torch.equal(loaded(pixel_values).logits, whole(pixel_values).logits)
+                if frozen and held != "float32":  # loaded in float32: the held weights exactly, computed in float32
+                    weights = whole.state_dict()
+                    for name, tensor in loaded.state_dict().items():
+                        assert torch.equal(tensor, weights[name].float()), name
+                else:
+                    with torch.no_grad():
+                        assert torch.equal(loaded(pixel_values).logits, whole(pixel_values).logits)
         dist.barrier()
+
+    # Under FSDP's mixed precision (bf16 compute, as Accelerate's FSDP2 sets it for --mixed_precision bf16) every weight
+    # is gathered in bf16: frozen weights held in bf16 give the same loss and gradients as float32 ones.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for lora, frozen in ((True, False), (False, True)):
+        start = randomized(FFVTForImageClassification(tiny_config(num_labels=3, hidden_dropout_prob=0.0)))
+        runs = []
+        for held in ("float32", "bfloat16"):
+            torch.manual_seed(1)
+            method = TrainingMethod(lora_rank=2 if lora else 0, freeze_backbone=frozen, frozen_weights_dtype=held)
+            model = method.apply(copy.deepcopy(start)).train()
+            for module in model.modules():
+                if isinstance(module, FFVTLayer):
+                    fully_shard(module, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            loss = model(pixel_values=pixel_values[mine], labels=labels[mine]).loss
+            loss.backward()
+            runs.append((loss, {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.requires_grad}))
+        (loss, gradients), (held_loss, held_gradients) = runs
+        close("mixed-precision loss", held_loss, loss)
+        assert gradients.keys() == held_gradients.keys()
+        for name, gradient in gradients.items():
+            close(name + ".grad (mixed precision)", held_gradients[name], gradient)
     print(f"rank {rank}: equal")
+    dist.destroy_process_group()  # a process that exits with its gloo group alive can abort in the group's teardown
 ''')
 
 
 def test_fsdp2_sharding_matches_one_process(tmp_path):
     """Two processes, each half of a global batch of 4, against one process on the whole batch: the loss, the
-    gradients gathered from the shards and the weights after one SGD step with momentum agree to 1e-6, with and
-    without LoRA; the full state dict gathered from the shards saves to a folder from_pretrained loads with the
-    same logits (LoRA merged)."""
+    gradients gathered from the shards and the weights after one SGD step with momentum agree to 1e-6, for full
+    fine-tuning, LoRA, and LoRA or a frozen backbone with the frozen weights in bf16 (--frozen_weights_dtype); the
+    full state dict gathered from the shards saves to a folder from_pretrained loads with the same logits (LoRA
+    merged) or, for a frozen backbone held in bf16, the same weights."""
     (tmp_path / "worker.py").write_text(WORKER)
     result = run_python(tmp_path / "worker.py", processes=2, timeout=300)
     assert result.returncode == 0 and result.stdout.count(": equal") == 2, result.stdout[-3000:]
