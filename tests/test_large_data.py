@@ -265,3 +265,40 @@ def test_a_loader_state_that_holds_code_is_refused_unrun(tmp_path):
     loader = SimpleNamespace(dataloader=SimpleNamespace(num_workers=0), load_state_dict=lambda state: None)
     with pytest.raises(InputError, match=r"train_loader_0\.pt holds more than a data loader's position .*not loaded"):
         load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
+
+
+# ---- the figures of a resumed run -----------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_reports_the_figures_of_the_whole_run(tmp_path, caplog):
+    """Stopped at step 4 (inside the evaluation window of steps 4-6) and resumed, a run reports what the run never
+    stopped reports: the loss averaged over all 6 steps, the last window's loss, and the labelled images of all 6
+    steps (48, less the unreadable one if a step met it). Resumed from a checkpoint written before checkpoints kept
+    the figures, it says so in one line and counts from there."""
+    data = tmp_path / "data"
+    bad, _ = image_folder(data, count=64, truncated=5)
+    met = step_meeting(data, bad, 8)
+    common = ("--max_train_steps", 6, "--eval_steps", 3, "--checkpointing_steps", 2, "--skip_bad_images")
+    straight, resumed, old = tmp_path / "straight", tmp_path / "resumed", tmp_path / "old"
+    train_here(*arguments(data, straight, 8, *common))
+    shutil.copytree(straight / "step_4", resumed / "step_4")
+    train_here(*arguments(data, resumed, 8, *common, "--resume_from_checkpoint", "latest"))
+    expected, actual = (json.loads((folder / "all_results.json").read_text()) for folder in (straight, resumed))
+    for name in ("train_loss_run_mean", "train_loss_last_window", "train_samples", "train_steps", "skipped_images"):
+        assert actual[name] == expected[name], name
+    assert expected["train_samples"] == 48 - (met <= 6)
+    assert [name.split(" (")[0] for name in expected["skipped_images"]] == [f"train: {bad}"] * (met <= 6)
+    assert actual["train_samples_per_second"] == actual["train_samples"] / actual["train_runtime"]
+    assert "train_figures_from_step" not in actual
+
+    shutil.copytree(straight / "step_2", old / "step_2")
+    record = json.loads((old / "step_2" / "training_progress.json").read_text())
+    del record["figures"]
+    (old / "step_2" / "training_progress.json").write_text(json.dumps(record))
+    caplog.clear()
+    train_here(*arguments(data, old, 8, *common, "--resume_from_checkpoint", "latest"))
+    partial = json.loads((old / "all_results.json").read_text())
+    assert sum("cover steps 3 to 6 only" in record.message for record in caplog.records) == 1
+    assert partial["train_figures_from_step"] == 2
+    assert partial["train_samples"] == 32 - (2 < met <= 6)
+    assert partial["train_loss_last_window"] == expected["train_loss_last_window"]
