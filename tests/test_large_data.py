@@ -268,6 +268,10 @@ def test_a_loader_state_that_holds_code_is_refused_unrun(tmp_path):
     loader = SimpleNamespace(dataloader=SimpleNamespace(num_workers=0), load_state_dict=lambda state: None)
     with pytest.raises(InputError, match=r"train_loader_0\.pt holds more than a data loader's position .*not loaded"):
         load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
+    # A position saved before streams numbered their rows (datasets would fail on it mid-run with a KeyError).
+    torch.save({"num_workers": 0, "state": {"dataset_state": {}}}, loader_state_file(tmp_path, 0))
+    with pytest.raises(InputError, match=r"written by an earlier train_hf.py.*end of an epoch"):
+        load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
 
 
 # ---- the figures of a resumed run -----------------------------------------------------------------------------------
