@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, get_schedu
 from modeling_ffvt import FFVTConfig, FFVTForImageClassification
 from modeling_ffvt.checkpoints import (
     PROGRESS_FILE,
+    TrainingFigures,
     check_resumed_data,
     latest_checkpoint,
     method_flags,
@@ -503,8 +504,9 @@ def schedule_description(warmup_steps, total_steps, kind, learning_rate) -> str:
 @dataclass
 class Progress:
     """Where a run stands, written beside each checkpoint so that a resumed run starts exactly there: optimiser steps
-    done, the position in the data (epoch, batches of it done), the evaluation results of the saved model, and the
-    unreadable images --skip_bad_images has left out so far."""
+    done, the position in the data (epoch, batches of it done), the evaluation results of the saved model, the
+    unreadable images --skip_bad_images has left out so far, and the training figures summed so far
+    (`TrainingFigures.state`), so that a resumed run reports the whole run."""
 
     completed_steps: int = 0
     epoch: int = 0
@@ -512,32 +514,14 @@ class Progress:
     best: dict | None = None
     written_with: dict | None = None  # the method flags (modeling_ffvt.checkpoints.method_flags) and fusion
     skipped_images: list[str] = field(default_factory=list)
+    figures: dict | None = None  # None in checkpoints written before the record kept them
 
 
-class LossWindow:
-    """Training loss and images between two evaluations, and the loss summed over the run's optimiser steps. Each
-    process adds its share of every step's loss; `close` sums the shares."""
-
-    def __init__(self):
-        self.run_sum, self.run_steps, self.last_mean = 0.0, 0, None
-        self.start()
-
-    def start(self):
-        self.loss, self.steps, self.images, self.started = 0.0, 0, 0, time.perf_counter()
-
-    def close(self, accelerator) -> dict:
-        """The window's mean loss over every process and its throughput; the next window starts."""
-        loss = float(accelerator.reduce(torch.as_tensor(self.loss, device=accelerator.device), "sum"))
-        self.last_mean = loss / self.steps
-        self.run_sum, self.run_steps = self.run_sum + loss, self.run_steps + self.steps
-        stats = {"train_loss": self.last_mean, "images_per_second": self.images / (time.perf_counter() - self.started)}
-        self.start()
-        return stats
-
-
-def save_checkpoint(accelerator, output_dir, name, progress: Progress, train_dataloader, total_limit=None):
-    """Save the training state in output_dir/name, then keep only the newest `total_limit` checkpoints (all without
-    a limit)."""
+def save_checkpoint(accelerator, output_dir, name, progress: Progress, figures: TrainingFigures, train_dataloader,
+                    total_limit=None):
+    """Save the training state and `figures` in output_dir/name, then keep only the newest `total_limit` checkpoints
+    (all without a limit)."""
+    progress.figures = figures.state(accelerator, peak_memory_mb(accelerator.device))
     folder = os.path.join(output_dir, name)
     accelerator.save_state(folder)
     if isinstance(train_dataloader, StreamedLoader):  # a stream's position is its loader's; map-style's is a count
@@ -598,19 +582,20 @@ def evaluate_and_keep_best(args, accelerator, run: "Prepared", metric, processor
     return results
 
 
-def train_step(args, accelerator, model, optimizer, lr_scheduler, window, epoch) -> torch.Tensor:
+def train_step(args, accelerator, model, optimizer, lr_scheduler, window, epoch) -> tuple[torch.Tensor, int]:
     """One clipped optimiser step over an accumulation window: `window` holds (batch index in the epoch, batch) pairs,
     up to --gradient_accumulation_steps of them (fewer at the end of an epoch).
 
     Each image's loss is weighted by one over the number of labelled images in the window summed over processes, as
     transformers' Trainer does with `num_items_in_batch`, so that the step is that of one batch holding the whole
     window, however many batches the window has and however short they are. Returns this process's share of the
-    window's mean loss (their sum over processes is the mean).
+    window's mean loss (their sum over processes is the mean) and the number of labelled images in the window over
+    every process.
     """
-    labelled = sum(batch["labels"].ne(IGNORE_INDEX).sum() for _, batch in window)
-    labelled = accelerator.reduce(labelled, "sum").float().clamp(min=1)  # a window without labels weighs nothing
-    # DDP and FSDP average the processes' gradients: weighting by num_processes turns the average into the sum.
-    weight = accelerator.num_processes / labelled
+    labelled = accelerator.reduce(sum(batch["labels"].ne(IGNORE_INDEX).sum() for _, batch in window), "sum")
+    # DDP and FSDP average the processes' gradients: weighting by num_processes turns the average into the sum. A
+    # window without labels weighs nothing.
+    weight = accelerator.num_processes / labelled.float().clamp(min=1)
     share = 0.0
     for position, (step, batch) in enumerate(window):
         reseed_dropout(args.seed, epoch, step, accelerator.process_index)
@@ -627,7 +612,7 @@ def train_step(args, accelerator, model, optimizer, lr_scheduler, window, epoch)
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the lr
         lr_scheduler.step()
     optimizer.zero_grad()
-    return share
+    return share, int(labelled)
 
 
 @dataclass
@@ -643,9 +628,10 @@ class Prepared:
     unreadable: UnreadableImages
 
 
-def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow):
-    """Close the loss window, evaluate (keeping the best model), and log both, to trackers too."""
-    log = {**window.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
+def log_evaluation(args, accelerator, run: Prepared, metric, processor, progress: Progress,
+                   figures: TrainingFigures):
+    """Close the figures' window, evaluate (keeping the best model), and log both, to trackers too."""
+    log = {**figures.close(accelerator), "learning_rate": run.lr_scheduler.get_last_lr()[0],
            "peak_memory_mb": peak_memory_mb(accelerator.device)}
     log.update(
         evaluate_and_keep_best(args, accelerator, run, metric, processor, progress)
@@ -662,10 +648,11 @@ def accumulation_windows(batches, size):
         yield window
 
 
-def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress, window: LossWindow, bar):
+def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progress: Progress,
+                    figures: TrainingFigures, bar):
     """Train on the rest of epoch `progress.epoch` (from batch `progress.batches_done`), or until --max_train_steps,
-    evaluating and saving checkpoints when their steps come. A resumed data loader continues from the position the
-    checkpoint saved."""
+    evaluating and saving checkpoints when their steps come, and adding each step to `figures`. A resumed data loader
+    continues from the position the checkpoint saved."""
     epoch, first_batch, dataloader = progress.epoch, progress.batches_done, run.train_dataloader
     dataloader.set_epoch(epoch)
     dataloader.dataset.set_epoch(epoch)
@@ -676,53 +663,54 @@ def train_one_epoch(args, accelerator, run: Prepared, metric, processor, progres
     batches = accelerator.skip_first_batches(dataloader, first_batch) if first_batch and length else dataloader
     # Checkpoints fall between windows, so a resumed epoch's windows are those of a run never stopped.
     windows = accumulation_windows(enumerate(batches, start=first_batch), args.gradient_accumulation_steps)
+    asked = time.perf_counter()  # when the next window's batches were asked for
     for accumulation in on_every_process(accelerator, windows) if args.streaming else windows:
+        in_hand = time.perf_counter()
         run.unreadable.check(accelerator, [batch for _, batch in accumulation])
-        window.loss += train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
-        window.images += sum(len(batch["labels"]) for _, batch in accumulation) * accelerator.num_processes
+        loss, images = train_step(args, accelerator, run.model, run.optimizer, run.lr_scheduler, accumulation, epoch)
+        figures.add_step(loss, images, time.perf_counter() - in_hand, in_hand - asked)
         done = accumulation[-1][0] + 1
         progress.epoch, progress.batches_done = (epoch + 1, 0) if done == length else (epoch, done)
         progress.completed_steps += 1
-        window.steps += 1
         bar.update(1)
         steps = progress.completed_steps
         if (args.eval_steps and steps % args.eval_steps == 0) or steps == run.plan.max_train_steps:
-            log_evaluation(args, accelerator, run, metric, processor, progress, window)
+            log_evaluation(args, accelerator, run, metric, processor, progress, figures)
         if isinstance(args.checkpointing_steps, int) and steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, dataloader,
+            save_checkpoint(accelerator, args.output_dir, f"step_{steps}", progress, figures, dataloader,
                             args.checkpoints_total_limit)
         if steps >= run.plan.max_train_steps:
             return
+        asked = time.perf_counter()
     if progress.completed_steps == steps_before and not first_batch:  # else the run would wait for ever
         raise InputError(f"The train split of {args.dataset_name} gave no batch to every process: stream more "
                          "examples than processes, or drop --streaming.")
     progress.epoch, progress.batches_done = epoch + 1, 0  # a stream's end is known only once it is met
     if args.checkpointing_steps == "epoch":
-        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, dataloader,
+        save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", progress, figures, dataloader,
                         args.checkpoints_total_limit)
 
 
 def train(args, accelerator, run: Prepared, processor, progress: Progress) -> dict:
     """Train from `progress` to --max_train_steps, evaluating every --eval_steps and at the end; returns the run's
-    training metrics for all_results.json."""
+    training metrics for all_results.json, over the whole run (a resumed run continues the figures its checkpoint
+    recorded)."""
     metric = load_fgvc_accuracy(keep_in_memory=True)  # in memory: processes would share its cache files
-    window, first_step = LossWindow(), progress.completed_steps
-    bar = tqdm(total=run.plan.max_train_steps, initial=first_step, disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
+    figures = TrainingFigures.from_state(progress.figures, progress.completed_steps)
+    if figures.from_step:
+        logger.warning(f"Training figures count from step {figures.from_step}, where the run resumed from a checkpoint "
+                       "written before checkpoints recorded them: train_loss_run_mean, train_runtime, train_samples "
+                       f"and the throughput cover steps {figures.from_step + 1} to {run.plan.max_train_steps} only.")
+    bar = tqdm(total=run.plan.max_train_steps, initial=progress.completed_steps,
+               disable=not accelerator.is_local_main_process)
     run.model.train()
     while progress.completed_steps < run.plan.max_train_steps:
-        train_one_epoch(args, accelerator, run, metric, processor, progress, window, bar)
+        train_one_epoch(args, accelerator, run, metric, processor, progress, figures, bar)
     bar.close()
-    runtime = time.perf_counter() - started
-    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     return {
-        "train_loss_run_mean": window.run_sum / max(window.run_steps, 1),
-        "train_loss_last_window": window.last_mean,
-        "train_runtime": runtime,
-        "train_samples_per_second": (progress.completed_steps - first_step) * total_batch_size / runtime,
+        **figures.results(peak_memory_mb(accelerator.device)),
         "train_steps": progress.completed_steps,
         "epoch": progress.completed_steps / run.plan.steps_per_epoch if run.plan.steps_per_epoch else progress.epoch,
-        "peak_memory_mb": peak_memory_mb(accelerator.device),
         "skipped_images": progress.skipped_images,
     }
 

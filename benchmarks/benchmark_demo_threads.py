@@ -4,15 +4,15 @@ workers, on CPU: what train_hf.py chooses for the demo rests on these figures (B
     python benchmarks/benchmark_demo_threads.py --steps 100 --rounds 3
 
 Each setting runs the demo for --steps optimiser steps in a fresh process, settings taking turns round after round
-so that a busy spell of the machine hits them alike, and reads the images per second train_hf.py logs over the
-training steps (the evaluation at the end is not counted). A thread count is given to the process as
+so that a busy spell of the machine hits them alike, and takes the images per second over the training steps and
+the waits for their batches, from all_results.json (`train_samples` / (`train_runtime` + `train_data_wait_seconds`):
+data loading counts, the evaluation at the end does not). A thread count is given to the process as
 OMP_NUM_THREADS, which train_hf.py leaves as it is; "chosen" leaves it unset, so train_hf.py chooses.
 """
 
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +49,7 @@ def default_threads() -> int:
 
 
 def run_demo(threads: str, workers: int, steps: int, data_dir: Path) -> float:
-    """Images per second over the training steps of one demo run."""
+    """Images per second over the training steps of one demo run, the waits for their batches included."""
     environment = without_thread_setting()
     if threads == "default":
         environment["OMP_NUM_THREADS"] = str(default_threads())
@@ -60,9 +60,10 @@ def run_demo(threads: str, workers: int, steps: int, data_dir: Path) -> float:
                    "--output_dir", output_dir, "--max_train_steps", str(steps), "--eval_steps", str(steps),
                    "--dataloader_num_workers", str(workers)]
         run = subprocess.run(command, env=environment, capture_output=True, text=True)
-    if run.returncode:
-        raise SystemExit(run.stderr[-3000:])
-    return float(re.findall(r"images_per_second ([\d.]+)", run.stderr)[-1])
+        if run.returncode:
+            raise SystemExit(run.stderr[-3000:])
+        results = json.loads(Path(output_dir, "all_results.json").read_text())
+    return results["train_samples"] / (results["train_runtime"] + results["train_data_wait_seconds"])
 
 
 def main():

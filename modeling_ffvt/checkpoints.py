@@ -1,10 +1,11 @@
 """Bookkeeping of train_hf.py's checkpoints (`OUTPUT_DIR/step_N`, `OUTPUT_DIR/epoch_N`): the method flags a
-checkpoint was written with, checked before a resumed run reads any data, and the pruning of old checkpoints
-(`--checkpoints_total_limit`).
+checkpoint was written with, checked before a resumed run reads any data, the training figures summed so far, and the
+pruning of old checkpoints (`--checkpoints_total_limit`).
 
 A checkpoint is a folder that `accelerate.Accelerator.save_state` filled, with a `training_progress.json` beside the
 state; that file records, under `written_with`, the flags that decide which weights exist and train (the start model,
-the image size, LoRA or a frozen backbone) and whether the model has a fusion layer.
+the image size, LoRA or a frozen backbone) and whether the model has a fusion layer, and under `figures` the running
+sums of `TrainingFigures`.
 """
 
 import json
@@ -12,8 +13,10 @@ import os
 import re
 import shlex
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 from .inputs import InputError
 from .parameter_efficient import DEFAULT_LORA_TARGETS, TrainingMethod
@@ -194,3 +197,85 @@ def prune_checkpoints(output_dir, limit: int) -> list[Path]:
     for folder in deleted:
         shutil.rmtree(folder)
     return deleted
+
+
+@dataclass
+class TrainingFigures:
+    """The figures of a run's optimiser steps: over the open window (the steps since the last evaluation) and summed
+    over the run, the steps before a resume included, since a checkpoint's progress record carries them (`state`,
+    `from_state`).
+
+    A step's seconds run from the moment its batches are in hand to the end of its update; the wait for the batches
+    is counted apart (`data_wait_seconds`), and evaluation and checkpoints in neither. So the throughput is that of
+    the steps, whatever the data loader waits for: datasets' streamed parquet reader, for one, sleeps
+    `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN` (5 s) each time a pass has read all its shards (on a set smaller
+    than the shuffle buffer, in the first batch of every pass). On GPU a step's kernels finish at the next step's
+    first synchronisation, so its seconds are counted, one step late, all the same.
+
+    `images` counts the labelled images trained on, over every process (an unreadable image left out is not one).
+    Each process adds its share of each step's loss; the shares are summed over processes (one all-reduce) when the
+    window closes or a checkpoint is written, so every process holds the same figures. A run resumed from a
+    checkpoint without figures counts from there: `from_step` is that checkpoint's step.
+    """
+
+    loss_sum: float = 0.0  # summed over the closed windows' steps
+    steps: int = 0  # of the closed windows
+    images: int = 0
+    seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    last_window_loss: float | None = None
+    from_step: int = 0
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0})
+
+    def __post_init__(self):
+        self.pending_loss = 0.0  # this process's share of the open window's loss since it was last summed
+
+    @classmethod
+    def from_state(cls, state: dict | None, step: int) -> "TrainingFigures":
+        """The figures a progress record carries, or, for None (a checkpoint written before records kept them),
+        figures that count from `step`."""
+        if state is None:
+            return cls(from_step=step)
+        return cls(**{name.name: state[name.name] for name in fields(cls) if name.name in state})
+
+    def add_step(self, loss_share: torch.Tensor, images: int, seconds: float, data_wait_seconds: float) -> None:
+        self.pending_loss = self.pending_loss + loss_share
+        self.window["steps"] += 1
+        self.window["images"] += images
+        self.window["seconds"] += seconds
+        self.data_wait_seconds += data_wait_seconds
+
+    def _sum_shares(self, accelerator) -> None:
+        self.window["loss"] += float(accelerator.reduce(torch.as_tensor(self.pending_loss, device=accelerator.device),
+                                                        "sum"))
+        self.pending_loss = 0.0
+
+    def close(self, accelerator) -> dict:
+        """The window's mean loss and throughput (images a second of its steps); the next window opens."""
+        self._sum_shares(accelerator)
+        window = self.window
+        self.last_window_loss = window["loss"] / window["steps"]
+        self.loss_sum, self.steps = self.loss_sum + window["loss"], self.steps + window["steps"]
+        self.images, self.seconds = self.images + window["images"], self.seconds + window["seconds"]
+        self.window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+        return {"train_loss": self.last_window_loss, "images_per_second": window["images"] / window["seconds"]}
+
+    def state(self, accelerator, peak_memory_mb: float) -> dict:
+        """The figures as a progress record keeps them (every process calls it: the loss shares are summed)."""
+        self._sum_shares(accelerator)
+        self.peak_memory_mb = max(self.peak_memory_mb, peak_memory_mb)
+        return asdict(self)
+
+    def results(self, peak_memory_mb: float) -> dict:
+        """The run's figures for all_results.json, once the last window has closed."""
+        results = {
+            "train_loss_run_mean": self.loss_sum / max(self.steps, 1),
+            "train_loss_last_window": self.last_window_loss,
+            "train_runtime": self.seconds,
+            "train_data_wait_seconds": self.data_wait_seconds,
+            "train_samples": self.images,
+            "train_samples_per_second": self.images / self.seconds if self.seconds else 0.0,
+            "peak_memory_mb": max(self.peak_memory_mb, peak_memory_mb),
+        }
+        return {**results, "train_figures_from_step": self.from_step} if self.from_step else results

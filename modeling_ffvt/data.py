@@ -405,9 +405,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 IGNORE_INDEX = -100  # cross_entropy's default: a row with this label is unlabelled, and weighs nothing
 
 
-def unreadable_name(entry, split_name: str, row: int) -> str:
+def unreadable_name(entry, split_name: str, row: int | str) -> str:
     """How messages name an image: "split: path" for a file, "split row N (file name)" for an embedded image, whose
-    recorded names repeat across rows."""
+    recorded names repeat across rows (`row` is N, or for a stream "N of shard S": modeling_ffvt.streaming.located)."""
     if isinstance(entry, dict) and entry.get("bytes") is not None:
         return f"{split_name} row {row} ({entry.get('path') or 'no file name'})"
     return f"{split_name}: {_encoded_image(entry)[0]}"

@@ -59,6 +59,11 @@ class UnreadableImages:
             yield batch
 
 
+# How the stream a saved position belongs to is built: 2 since its rows are numbered before the shuffle
+# (modeling_ffvt.streaming.located); positions saved before (no layout) name parts that stream no longer has.
+STREAM_LAYOUT = 2
+
+
 def loader_state_file(folder, process_index: int) -> Path:
     return Path(folder, f"train_loader_{process_index}.pt")
 
@@ -66,16 +71,17 @@ def loader_state_file(folder, process_index: int) -> Path:
 def save_loader_state(folder, dataloader, process_index: int) -> None:
     """Write this process's position in a streamed epoch (a torchdata `StatefulDataLoader` state: where each worker
     had read its shards to) into the checkpoint folder, one file a process, since each process reads its own shards,
-    with the number of workers, which the position depends on."""
-    state = {"num_workers": dataloader.dataloader.num_workers, "state": dataloader.state_dict()}
+    with the number of workers, which the position depends on, and `STREAM_LAYOUT`."""
+    state = {"num_workers": dataloader.dataloader.num_workers, "layout": STREAM_LAYOUT,
+             "state": dataloader.state_dict()}
     torch.save(state, loader_state_file(folder, process_index))
 
 
 def load_loader_state(folder, dataloader, process_index: int, num_processes: int) -> None:
     """Give `dataloader` the position `save_loader_state` wrote, so that its next iteration continues the epoch
     where the checkpoint was taken. Raises InputError when the checkpoint was written by another number of processes
-    or data-loader workers (each reads its own shards), or when its file holds anything but plain data (it is read
-    with `weights_only=True`: a checkpoint never runs pickled code)."""
+    or data-loader workers (each reads its own shards), for a stream of another `STREAM_LAYOUT`, or when its file
+    holds anything but plain data (it is read with `weights_only=True`: a checkpoint never runs pickled code)."""
     path = loader_state_file(folder, process_index)
     saved = len(list(Path(folder).glob("train_loader_*.pt")))
     if not path.is_file() or saved != num_processes:
@@ -90,6 +96,12 @@ def load_loader_state(folder, dataloader, process_index: int, num_processes: int
             f"--resume_from_checkpoint {folder}: {path.name} holds more than a data loader's position "
             f"({str(error).splitlines()[0]}); it was not written by train_hf.py and is not loaded."
         ) from None
+    if state.get("layout") != STREAM_LAYOUT:
+        raise InputError(
+            f"--resume_from_checkpoint {folder}: its stream positions were written by an earlier train_hf.py, whose "
+            "stream is built otherwise, and cannot be continued: resume from a checkpoint written at the end of an "
+            "epoch (it holds no position), or train anew in another --output_dir."
+        )
     if state["num_workers"] != dataloader.dataloader.num_workers:
         raise InputError(
             f"--resume_from_checkpoint {folder}: its stream positions are those of {state['num_workers']} data-loader "

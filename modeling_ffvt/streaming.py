@@ -6,6 +6,7 @@ shards), is opened with `streaming=True`. Each process reads its own share of th
 data-loader worker reads its share of that. docs/training.md ("Large data sets") says what a resume keeps.
 """
 
+import functools
 import logging
 import warnings
 import zlib
@@ -16,7 +17,7 @@ import torch
 from accelerate.utils import send_to_device
 from datasets.distributed import split_dataset_by_node
 
-from .data import UnreadableImageError, sample_generator, unreadable_sample
+from .data import UnreadableImageError, sample_generator, unreadable_name, unreadable_sample
 from .inputs import InputError, subset_error
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 STREAMED_EVALUATION_ORDER = ("validation", "test")
+# The column `located` adds: where a row is in its split ("5 of shard 1", for "train row 5 of shard 1").
+ROW_COLUMN = "ffvt_row"
 
 
 @dataclass
@@ -82,7 +85,7 @@ def load_streamed_splits(
         )
     for key, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
         part = splits[key].select_columns([image_column, label_column])
-        part = part.cast_column(image_column, datasets.Image(decode=False))
+        part = located(part.cast_column(image_column, datasets.Image(decode=False)))
         splits[key] = part.take(limit) if limit is not None else part
     if splits["train"].num_shards % num_processes:
         logger.warning(
@@ -99,13 +102,34 @@ def load_streamed_splits(
     )
 
 
+def _place(row: dict, index: int, shard: int | None) -> dict:
+    return {ROW_COLUMN: str(index) if shard is None else f"{index} of shard {shard}"}
+
+
+def located(split: datasets.IterableDataset) -> datasets.IterableDataset:
+    """`split` with a column `ROW_COLUMN` saying where each row is: its row in its shard and the shard's index, as
+    `split.shard(num_shards=split.num_shards, index=shard).skip(row)` finds it, or in a split of one shard its row,
+    as the split read whole numbers it (a stream has no row numbers of its own, and its shuffle mixes the shards).
+    Each shard is numbered apart, then the shards are put back together in order, so the result reads and shards as
+    `split` does."""
+    features = datasets.Features({**split.features, ROW_COLUMN: datasets.Value("string")})
+    single = split.num_shards == 1
+    return datasets.concatenate_datasets([
+        split.shard(num_shards=split.num_shards, index=shard).map(
+            functools.partial(_place, shard=None if single else shard), with_indices=True, features=features)
+        for shard in range(split.num_shards)
+    ])
+
+
 class StreamedImages(torch.utils.data.IterableDataset):
     """{"pixel_values", "labels", "unreadable"} samples of a streamed split of {image_column, label_column} rows, for
     a (stateful) DataLoader; each data-loader worker reads its own shards of the split.
 
     Each image goes through `transform(image, generator)` with a generator seeded by (seed, epoch, CRC-32 of the
     image's bytes or path), so augmentation does not depend on workers, processes or resumption. An image that
-    `load_rgb` rejects comes out as `ImageClassificationDataset` gives it: zeros of `image_shape`, no label, named.
+    `load_rgb` rejects comes out as `ImageClassificationDataset` gives it: zeros of `image_shape`, no label, named as
+    it names one ("split: path" for a file), an embedded image by where `located` says its row is ("split row 5 of
+    shard 1 (file name)").
 
     `state_dict` / `load_state_dict` are those of the worker's part of the split (datasets' `IterableDataset`: where
     each shard was read to), which torchdata's `StatefulDataLoader` saves and restores for each worker. The part is
@@ -147,14 +171,12 @@ class StreamedImages(torch.utils.data.IterableDataset):
             self.resume_from = None
         for rows in self.reading.iter(batch_size=1):
             entry, label = rows[self.image_column][0], rows[self.label_column][0]
-            embedded = entry.get("bytes") is not None
-            key = zlib.crc32(entry["bytes"] if embedded else entry["path"].encode())
+            key = zlib.crc32(entry["bytes"] if entry.get("bytes") is not None else entry["path"].encode())
             try:
                 pixels = self.transform(entry, sample_generator(self.seed, self.epoch, key))
             except UnreadableImageError as error:
-                # A stream's rows have no fixed number: an embedded image is named by its recorded name and CRC-32.
-                name = f"{entry.get('path') or 'an embedded image'} (CRC-32 {key:08x})" if embedded else entry["path"]
-                yield unreadable_sample(self.image_shape, f"{self.split_name}: {name}", error.reason)
+                name = unreadable_name(entry, self.split_name, rows[ROW_COLUMN][0])
+                yield unreadable_sample(self.image_shape, name, error.reason)
                 continue
             yield {"pixel_values": pixels, "labels": label}
 

@@ -7,12 +7,14 @@ Images are 8 x 8 and the model two layers of width 16, so that 1,000 images make
 import io
 import json
 import shutil
+import time
 
 import datasets
 import numpy as np
 import pyarrow.parquet
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.data_loader import SeedableRandomSampler
 from accelerate.state import AcceleratorState
 from PIL import Image
@@ -20,7 +22,8 @@ from safetensors.torch import load_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from conftest import REPOSITORY, run_python
-from modeling_ffvt.data import collate_images
+from modeling_ffvt.data import collate_images, load_rgb, unreadable_name
+from modeling_ffvt.data_loading import UnreadableImages
 from modeling_ffvt.inputs import InputError
 from modeling_ffvt.splits import prepare_splits
 from modeling_ffvt.streaming import StreamedImages, load_streamed_splits
@@ -265,3 +268,102 @@ def test_a_loader_state_that_holds_code_is_refused_unrun(tmp_path):
     loader = SimpleNamespace(dataloader=SimpleNamespace(num_workers=0), load_state_dict=lambda state: None)
     with pytest.raises(InputError, match=r"train_loader_0\.pt holds more than a data loader's position .*not loaded"):
         load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
+    # A position saved before streams numbered their rows (datasets would fail on it mid-run with a KeyError).
+    torch.save({"num_workers": 0, "state": {"dataset_state": {}}}, loader_state_file(tmp_path, 0))
+    with pytest.raises(InputError, match=r"written by an earlier train_hf.py.*end of an epoch"):
+        load_loader_state(tmp_path, loader, process_index=0, num_processes=1)
+
+
+# ---- the figures of a resumed run -----------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_reports_the_figures_of_the_whole_run(tmp_path, caplog):
+    """Stopped at step 4 (inside the evaluation window of steps 4-6) and resumed, a run reports what the run never
+    stopped reports: the loss averaged over all 6 steps, the last window's loss, and the labelled images of all 6
+    steps (48, less the unreadable one if a step met it). Resumed from a checkpoint written before checkpoints kept
+    the figures, it says so in one line and counts from there."""
+    data = tmp_path / "data"
+    bad, _ = image_folder(data, count=64, truncated=5)
+    met = step_meeting(data, bad, 8)
+    common = ("--max_train_steps", 6, "--eval_steps", 3, "--checkpointing_steps", 2, "--skip_bad_images")
+    straight, resumed, old = tmp_path / "straight", tmp_path / "resumed", tmp_path / "old"
+    train_here(*arguments(data, straight, 8, *common))
+    shutil.copytree(straight / "step_4", resumed / "step_4")
+    train_here(*arguments(data, resumed, 8, *common, "--resume_from_checkpoint", "latest"))
+    expected, actual = (json.loads((folder / "all_results.json").read_text()) for folder in (straight, resumed))
+    for name in ("train_loss_run_mean", "train_loss_last_window", "train_samples", "train_steps", "skipped_images"):
+        assert actual[name] == expected[name], name
+    assert expected["train_samples"] == 48 - (met <= 6)
+    assert [name.split(" (")[0] for name in expected["skipped_images"]] == [f"train: {bad}"] * (met <= 6)
+    assert actual["train_samples_per_second"] == actual["train_samples"] / actual["train_runtime"]
+    assert "train_figures_from_step" not in actual
+
+    shutil.copytree(straight / "step_2", old / "step_2")
+    record = json.loads((old / "step_2" / "training_progress.json").read_text())
+    del record["figures"]
+    (old / "step_2" / "training_progress.json").write_text(json.dumps(record))
+    caplog.clear()
+    train_here(*arguments(data, old, 8, *common, "--resume_from_checkpoint", "latest"))
+    partial = json.loads((old / "all_results.json").read_text())
+    assert sum("cover steps 3 to 6 only" in record.message for record in caplog.records) == 1
+    assert partial["train_figures_from_step"] == 2
+    assert partial["train_samples"] == 32 - (2 < met <= 6)
+    assert partial["train_loss_last_window"] == expected["train_loss_last_window"]
+
+
+def truncate_embedded_image(path, row):
+    """Cut the bytes of row `row`'s image in the parquet file `path` in half (the file stays readable)."""
+    table = pyarrow.parquet.read_table(path)
+    images = table.column("image").to_pylist()
+    images[row]["bytes"] = images[row]["bytes"][: len(images[row]["bytes"]) // 2]
+    column = table.schema.get_field_index("image")
+    images = pyarrow.array(images, table.schema.field(column).type)
+    pyarrow.parquet.write_table(table.set_column(column, "image", images), path)
+
+
+def decoded_as_zeros(entry, generator):
+    load_rgb(entry)  # raises for an unreadable image
+    return torch.zeros(3, 8, 8)
+
+
+def test_streamed_unreadable_rows_are_named_by_where_they_are_in_the_log_results_and_error(
+        tmp_path, caplog, fresh_accelerate_state):
+    """Unreadable embedded images of a stream are named by where their rows are (a split of several shards: row R of
+    shard S, as split.shard(...).skip(R) finds it; of one shard: its row, as the split read whole names it), alike in
+    the log, all_results.json and the line that stops a run without --skip_bad_images."""
+    data = parquet_shards(tmp_path / "data", count=32)
+    truncate_embedded_image(data / "train-00001-of-00004.parquet", 5)
+    truncate_embedded_image(data / "validation-00000-of-00001.parquet", 3)
+    output_dir = tmp_path / "out"
+    train_here(*streamed_arguments(data, output_dir, "--max_train_steps", 4, "--skip_bad_images"))
+    results = json.loads((output_dir / "all_results.json").read_text())
+    names = ["train row 5 of shard 1 (no file name)", "validation row 3 (no file name)"]
+    assert [name.rsplit(" (", 1)[0] for name in results["skipped_images"]] == names
+    logged = [record.message for record in caplog.records if record.message.startswith("Skipped 1 unreadable")]
+    assert [message.split(": ", 1)[1].rsplit(" (", 1)[0] for message in logged] == names
+    assert results["train_samples"] == 31  # a pass of 32, less the unreadable one
+    non_streamed = prepare_splits(dataset_name=str(data)).splits["validation"][3]["image"]
+    assert unreadable_name(non_streamed, "validation", 3) == names[1]
+
+    images = StreamedImages(load_streamed_splits(str(data)).validation, "image", "label", decoded_as_zeros,
+                            (3, 8, 8), split_name="validation")
+    with pytest.raises(InputError, match=r"^Unreadable image: validation row 3 \(no file name\) \("):
+        UnreadableImages(False, []).check(Accelerator(cpu=True), [collate_images(list(images))])
+
+
+def test_streamed_throughput_counts_the_steps_not_the_readers_wait(tmp_path):
+    """datasets' streamed parquet reader sleeps SLEEP_TIME_ON_THREADS_SHUTDOWN once a pass has read its shards (here
+    in the first batch, the set being smaller than the shuffle buffer): that wait is counted as waiting for data, and
+    the throughput divides the images trained on by the seconds of the steps alone."""
+    data = parquet_shards(tmp_path / "data", count=32)
+    output_dir = tmp_path / "out"
+    started = time.perf_counter()
+    train_here(*streamed_arguments(data, output_dir, "--max_train_steps", 4))
+    wall = time.perf_counter() - started
+    results = json.loads((output_dir / "all_results.json").read_text())
+    wait = datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN
+    assert results["train_runtime"] + wait <= wall  # the reader's wait is not in the steps' seconds
+    assert results["train_data_wait_seconds"] >= wait
+    assert results["train_runtime"] + results["train_data_wait_seconds"] <= wall
+    assert results["train_samples"] == 32
+    assert results["train_samples_per_second"] == 32 / results["train_runtime"]
