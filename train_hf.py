@@ -9,7 +9,6 @@ original FFVT (SGD with momentum, warm-up then cosine decay, gradient clipping, 
 docs/training.md describes the flags, multi-GPU and multi-machine launches, and exact resumption.
 """
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -59,6 +58,7 @@ from modeling_ffvt.digits import make_digits_folder
 from modeling_ffvt.evaluation import load_fgvc_accuracy, rank_classes
 from modeling_ffvt.image_processor import default_resize_size, make_image_processor
 from modeling_ffvt.inputs import (
+    CommandParser,
     InputError,
     check_model_name,
     counted,
@@ -118,7 +118,7 @@ DEMO_DEFAULTS = dict(
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune FFVT on an image classification data set.")
+    parser = CommandParser(prog="train_hf.py", description="Fine-tune FFVT on an image classification data set.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", help="A data set on the Hub, or a local folder load_dataset can read.")
     data.add_argument(
@@ -374,7 +374,6 @@ def make_accelerator(args) -> Accelerator:
         project_dir=args.output_dir,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     datasets.utils.logging.set_verbosity(verbosity)
     transformers.utils.logging.set_verbosity(verbosity)
@@ -893,9 +892,36 @@ def push_to_hub(args):
     logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
 
 
+def interrupted_message(args) -> str:
+    """What a run stopped by Ctrl-C leaves to go on from: the most advanced checkpoint in --output_dir (or the one it
+    resumed from), and the flag that resumes it; or that it wrote none."""
+    try:
+        folder = latest_checkpoint(args.output_dir)
+    except InputError:
+        given = args.resume_from_checkpoint not in (None, "latest")
+        folder = Path(args.resume_from_checkpoint) if given else None
+    if folder is None and args.checkpointing_steps:
+        return (f"Interrupted before the first checkpoint (--checkpointing_steps {args.checkpointing_steps}) was "
+                "written, so a rerun starts from step 0.")
+    if folder is None:
+        return ("Interrupted before any checkpoint was written, so a rerun starts from step 0: add "
+                "--checkpointing_steps N (or epoch) to write checkpoints to resume from.")
+    step = json.loads(Path(folder, PROGRESS_FILE).read_text())["completed_steps"]
+    return (f"Interrupted. The last checkpoint is {folder} (step {step}): go on from it with the same flags and "
+            f"--resume_from_checkpoint {folder}")
+
+
 @exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(args)) from None
+
+
+def run(args):
+    """Train, evaluate and save as the flags say."""
     accelerator = make_accelerator(args)
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_access(args)
@@ -931,6 +957,7 @@ def main(argv=None):
         hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("ffvt", hyperparameters)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(accelerator.state, main_process_only=False)  # after the data's checks: a refusal is its line alone
     logger.info("***** Running training *****")
     if not args.streaming:
         logger.info(f"  Num examples = {len(data.splits['train'])} train, {len(data.splits['validation'])} "

@@ -12,6 +12,7 @@ import argparse
 
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.inputs import CommandParser, exits_on_input_error
 from modeling_ffvt.loading import build_model, checkpoint_tensors, config_from_checkpoint, read_original_checkpoint
 
 # Heads of the original's model types; the other sizes are read from the checkpoint.
@@ -40,8 +41,9 @@ def convert_original_checkpoint(
     return model
 
 
+@exits_on_input_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", required=True, help="The .bin file the original train.py saved.")
     parser.add_argument("--pytorch_dump_folder_path", required=True, help="Folder to write the converted model to.")
     heads = parser.add_mutually_exclusive_group()

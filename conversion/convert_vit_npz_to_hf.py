@@ -11,6 +11,7 @@ import argparse
 
 from modeling_ffvt import FFVTForImageClassification
 from modeling_ffvt.image_processor import make_image_processor
+from modeling_ffvt.inputs import CommandParser, exits_on_input_error
 
 
 def convert_vit_npz(
@@ -36,8 +37,9 @@ def convert_vit_npz(
     return model
 
 
+@exits_on_input_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--npz_path", required=True, help="Google's ViT checkpoint, e.g. ViT-B_16.npz.")
     parser.add_argument("--pytorch_dump_folder_path", required=True, help="Folder to write the model to.")
     parser.add_argument("--image_size", type=int, required=True, help="Input resolution (448 for CUB and Dogs).")

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from modeling_ffvt.inputs import CommandParser, exits_on_input_error
+
 
 class Counts(NamedTuple):
     classes: int
@@ -202,9 +204,10 @@ def prepare(name, data_root, output_dir, *, copy=False, check_counts=True, overw
     return found
 
 
+@exits_on_input_error
 def main(argv=None):
     """Command-line entry point; exits with a message on stderr when the data do not check out."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(READERS), help="which dataset")
     parser.add_argument("--data_root", required=True, help="the dataset in its native layout")
     parser.add_argument("--output_dir", required=True, help="where train/ and test/ are written")

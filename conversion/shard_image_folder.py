@@ -12,7 +12,6 @@ webdataset: OUT/SPLIT-0000i.tar holding KEY.EXT (the images' own extension, one 
 that the names load with the data.
 """
 
-import argparse
 import io
 import tarfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import datasets
 import numpy as np
 import yaml
 
-from modeling_ffvt.inputs import InputError, exits_on_input_error, read_image_folder
+from modeling_ffvt.inputs import CommandParser, InputError, exits_on_input_error, read_image_folder
 
 
 def shard_rows(count: int, shards: int, seed: int) -> list[np.ndarray]:
@@ -72,7 +71,7 @@ def write_card(out: Path, names: list[str], image_column: str, label_column: str
 
 @exits_on_input_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="An image folder: FOLDER/SPLIT/CLASS/image or FOLDER/CLASS/image.")
     parser.add_argument("out", help="Where the shards go (a new folder).")
     parser.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")

@@ -9,16 +9,16 @@ Gradio is the optional extra `demo` (`pip install "modeling_ffvt[demo]"`). The p
 analytics, so it works without a network. docs/usage.md shows it.
 """
 
-import argparse
 import importlib.metadata
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
-from .inputs import check_model_name, load_classifier, scan_images
+from .inputs import CommandParser, check_model_name, exits_on_input_error, load_classifier, scan_images
 from .model_card import markdown_text
 from .predict import predict
 from .selection_map import selection_map
@@ -43,7 +43,7 @@ def _gradio():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="ffvt-demo", description="A Gradio app of an FFVT model.")
+    parser = CommandParser(prog="ffvt-demo", description="A Gradio app of an FFVT model.")
     parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub id.")
     parser.add_argument("--port", type=int, default=7860, help="The port to serve on (default 7860).")
     parser.add_argument(
@@ -201,6 +201,7 @@ def write_space(folder, model_name: str, examples=None) -> Path:
     return folder
 
 
+@exits_on_input_error
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -211,7 +212,14 @@ def main(argv=None):
         demo = load_demo(args.model, args.examples, args.device)
     except (OSError, ValueError, MissingGradioError) as error:
         raise SystemExit(str(error)) from None
-    demo.launch(server_name=args.host, server_port=args.port, share=False)
+    # Served until Ctrl-C, which ends the command with one line and status 130 (exits_on_input_error) rather than
+    # Gradio's own message and status 0 (what `launch` without prevent_thread_lock gives).
+    demo.launch(server_name=args.host, server_port=args.port, share=False, prevent_thread_lock=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        demo.close(verbose=False)
+        raise KeyboardInterrupt("Stopped the demo server.") from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ The data set's classes are matched to the model's by name (id2label), so their o
 go through the model's saved image processor. docs/usage.md describes the output.
 """
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from .data import ImageClassificationDataset, ProcessorTransform, UnreadableImageError
 from .evaluation import load_fgvc_accuracy, rank_classes
 from .inputs import (
+    CommandParser,
     InputError,
     counted,
     exits_on_input_error,
@@ -38,7 +38,7 @@ from .splits import WHOLE_FOLDER, find_unreadable_rows, prepare_splits
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="ffvt-evaluate", description="Evaluate an FFVT model on labelled images.")
+    parser = CommandParser(prog="ffvt-evaluate", description="Evaluate an FFVT model on labelled images.")
     parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub id.")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data_dir", help="An image folder: SPLIT/CLASS/image files, or CLASS/image files.")

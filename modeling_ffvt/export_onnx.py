@@ -9,7 +9,6 @@ PyTorch model's do (patch p is `1 + config.num_register_tokens + p`; registers a
 what the export does not cover.
 """
 
-import argparse
 import contextlib
 import logging
 import warnings
@@ -20,7 +19,7 @@ import torch
 
 # Importing any module of the package runs its __init__, which registers FFVT with the Auto classes.
 from .configuration_ffvt import _pair
-from .inputs import exits_on_input_error, load_classifier
+from .inputs import CommandParser, exits_on_input_error, load_classifier
 
 EXPORTERS = ("dynamo", "torchscript")
 # torch.export implements no opset below 18 and cannot convert this graph down; the TorchScript exporter can.
@@ -136,7 +135,7 @@ def verify_onnx(model, onnx_path, batch_sizes=(1, 3), atol: float = 1e-4) -> flo
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ffvt-export-onnx", description="Export an FFVT classifier to ONNX and check it with onnxruntime."
     )
     parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub id.")

@@ -7,12 +7,14 @@ from the last folder of each path; here the layout is decided once, from the tre
 explicit file lists and class labels.
 """
 
+import argparse
 import contextlib
 import difflib
 import functools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +56,26 @@ class InputError(ValueError):
     it and says what to do. Library callers catch it as a ValueError; commands print the message alone."""
 
 
+# The status a shell gives a command that SIGINT (Ctrl-C) ended: 128 + 2.
+INTERRUPTED_STATUS = 130
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser for every command of the project, but a flag error is one line on standard error,
+    `PROG: error: MESSAGE (see PROG --help)`, with argparse's exit status 2: argparse prints the whole usage above the
+    message (some 40 lines for train_hf.py), which buries the line that names the flag."""
+
+    def error(self, message):
+        hint = f"See {self.prog} --help." if message.endswith(".") else f"(see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message} {hint}\n")
+
+
 def exits_on_input_error(main):
     """Decorate a command's `main(argv=None)`: an InputError ends the command with its message alone on standard
-    error and exit status 1, without a traceback (what `SystemExit(message)` does)."""
+    error and exit status 1, without a traceback (what `SystemExit(message)` does). Ctrl-C (KeyboardInterrupt) ends
+    it with one line and exit status 130, a shell's for a command SIGINT ended: the interrupt's own message, which a
+    command raises to say what it saved and how to go on, or "Interrupted." A process of a multi-process launch
+    other than the first says nothing: each gets the Ctrl-C, and one line says it."""
 
     @functools.wraps(main)
     def command(*args, **kwargs):
@@ -64,6 +83,12 @@ def exits_on_input_error(main):
             return main(*args, **kwargs)
         except InputError as error:
             raise SystemExit(str(error)) from None
+        except KeyboardInterrupt as interrupt:
+            message = str(interrupt) or "Interrupted."
+        # Printed once the interrupt and its frames are gone: a progress bar they held has closed its line.
+        if os.environ.get("RANK", "0") == "0":  # set by accelerate launch and torchrun
+            print(message, file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS)
 
     return command
 

@@ -7,7 +7,6 @@ Every file is checked before the model runs: missing files, folders without imag
 stop the run with one message naming them all. docs/usage.md describes the output.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from .data import find_unreadable_images, load_rgb, processor_target_size
 from .image_processor import load_image_processor
 from .inputs import (
     IMAGE_EXTENSIONS,
+    CommandParser,
     InputError,
     check_model_name,
     exits_on_input_error,
@@ -32,7 +32,7 @@ from .selection_map import draw_selection_map, model_input_image
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="ffvt-predict", description="Classify images with an FFVT model.")
+    parser = CommandParser(prog="ffvt-predict", description="Classify images with an FFVT model.")
     parser.add_argument("images", nargs="+", help="Image files, or folders searched recursively for images.")
     parser.add_argument("--model", required=True, help="A folder saved with save_pretrained, or a Hub id.")
     parser.add_argument("--top_k", type=int, default=5, help="Classes to list per image (default 5).")

@@ -6,7 +6,6 @@ process, through the train_step of train_hf.py)."""
 import html
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -291,20 +290,20 @@ def test_a_two_seed_comparison_on_the_digits_demo_and_its_rerun(monkeypatch, tmp
              "--max_train_steps", "6", "--eval_steps", "6", "--max_train_samples", "64", "--max_eval_samples", "100",
              "--num_warmup_steps", "0"]
     argv = ["--output_dir", str(output_dir), "--seeds", "0", "1", "--bootstrap_resamples", "500", "--", *flags]
-    launched, run_subprocess = [], subprocess.run
+    launched, run_command = [], compare.run_to_its_end
 
     def launch(command):
         launched.append(command)
         if len(launched) == 1:
-            return run_subprocess(command)
+            return run_command(command)
         assert command[:2] == [sys.executable, str(compare.TRAIN_SCRIPT)]
         try:
             train_hf.main(command[2:])
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", launch)
+    monkeypatch.setattr(compare, "run_to_its_end", launch)
     compare.main(argv)
     assert len(launched) == 4
     comparison = json.loads((output_dir / "comparison.json").read_text())
@@ -343,8 +342,7 @@ def test_a_two_seed_comparison_on_the_digits_demo_and_its_rerun(monkeypatch, tmp
     (stopped / "step_2").mkdir()
     (stopped / "step_2" / train_hf.PROGRESS_FILE).write_text("{}")
     launched.clear()
-    monkeypatch.setattr(subprocess, "run", lambda command: launched.append(command) or subprocess.CompletedProcess(
-        command, 0))
+    monkeypatch.setattr(compare, "run_to_its_end", lambda command: launched.append(command) or 0)
     compare.main(argv)
     assert len(launched) == 1, launched
     assert shlex.join(launched[0]).endswith(

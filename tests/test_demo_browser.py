@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(log_path, *args, port):
-    """`python ARGS` running in the background until http://127.0.0.1:PORT/ answers; stopped on exit."""
+    """`python ARGS` running in the background until http://127.0.0.1:PORT/ answers; stopped on exit by Ctrl-C
+    (SIGINT), as a user stops it."""
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, *map(str, args)], env=python_environment(), stdout=log,
                                   stderr=subprocess.STDOUT)
@@ -77,7 +79,7 @@ def serving(log_path, *args, port):
                 time.sleep(0.5)
         yield server
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -105,7 +107,7 @@ def test_demo_in_a_browser(browser, tmp_path, capsys):
 
     port = free_port()
     command = ["-m", "modeling_ffvt.demo", "--model", model_folder, "--port", port, "--examples", tmp_path / "examples"]
-    with serving(tmp_path / "server.log", *command, port=port):
+    with serving(tmp_path / "server.log", *command, port=port) as server:
         browser.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(browser, WAIT_S)
         upload = wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, "#ffvt-input input[type=file]"))
@@ -135,6 +137,10 @@ def test_demo_in_a_browser(browser, tmp_path, capsys):
         browser.find_element(By.ID, "ffvt-classify").click()
         expected = [prediction["label"] for prediction in example_predictions]
         wait.until(lambda driver: [name for name, _ in label_rows(driver)] == expected)
+    # Ctrl-C stops the server with one line and a shell's status for it, without Gradio's message or a traceback.
+    log = (tmp_path / "server.log").read_text()
+    assert server.returncode == 130 and log.splitlines()[-1] == "Stopped the demo server.", log[-3000:]
+    assert "Traceback" not in log and "Keyboard interruption" not in log
 
 
 def input_sources(driver) -> list[str]:

@@ -76,7 +76,7 @@ def test_config_name_keys_ffvt_does_not_read_are_refused_with_the_nearest_name(c
     line = flag_error(capsys, *start, '{"num_hidden_layer": 2, "hidden_size": 32}')
     assert line.endswith("""--config_name {"num_hidden_layer": 2, "hidden_size": 32}: FFVTConfig has no key """
                          """'num_hidden_layer' (did you mean 'num_hidden_layers'?); the keys it takes are listed in """
-                         "docs/training.md#from-scratch."), line
+                         "docs/training.md#from-scratch. See train_hf.py --help."), line
     (tmp_path / "config.json").write_text(json.dumps({"hiden_size": 32, "num_tokens": 2, "zzz": 1}))
     line = flag_error(capsys, *start, tmp_path)
     assert ("FFVTConfig has no keys 'hiden_size' (did you mean 'hidden_size'?), 'num_tokens' (did you mean "
@@ -96,7 +96,8 @@ def test_model_dependent_flags_read_the_starting_models_patch_size(capsys, tmp_p
     folder = vit_folder(tmp_path / "vit", patch_size=8)
     line = flag_error(capsys, "--train_dir", tmp_path / "nowhere", "--model_name_or_path", folder, "--image_size", 60,
                       "--output_dir", tmp_path / "out")
-    assert line.endswith(f"--image_size 60: must be a multiple of the patch size 8 of {folder} (e.g. 56 or 64).")
+    assert line.endswith(f"--image_size 60: must be a multiple of the patch size 8 of {folder} (e.g. 56 or 64). See "
+                         "train_hf.py --help.")
     args = train_hf.parse_args(["--train_dir", str(tmp_path), "--model_name_or_path", str(folder), "--image_size",
                                 "64", "--num_token", "65", "--output_dir", str(tmp_path / "out")])
     assert args.image_size == 64 and args.num_token == 65  # the largest valid values pass

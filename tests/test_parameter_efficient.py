@@ -413,7 +413,7 @@ def test_resuming_with_other_method_flags_is_refused_naming_the_written_ones(lor
         assert f"{change.replace('START', str(start)).replace('OTHER', str(other))}" in message, message
         written = f"--model_name_or_path {start} --lora_rank 2"
         assert message.endswith(f"resume it with the flags it was written with, {written}, or train anew in another "
-                                "--output_dir."), message
+                                "--output_dir. See train_hf.py --help."), message
         # The flags it names resume.
         parse_args([*data, *written.split(), "--resume_from_checkpoint", checkpoint])
 
@@ -431,7 +431,8 @@ def test_resuming_with_other_data_order_flags_is_refused_naming_the_written_ones
     assert message.endswith("was written with other data-order flags (--seed 42 there, 0 here; "
                             "--per_device_train_batch_size 8 there, 4 here), and its place in the epoch counts batches "
                             "of those: resume it with --seed 42 --per_device_train_batch_size 8 "
-                            "--gradient_accumulation_steps 1, or train anew in another --output_dir."), message
+                            "--gradient_accumulation_steps 1, or train anew in another --output_dir. See train_hf.py "
+                            "--help."), message
     parse_args([*common, "--seed", "42", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"])
 
 

@@ -9,6 +9,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ from train_hf import (
     DEMO_MODEL,
     Plan,
     evaluation_data_flags,
+    interrupted_message,
     load_model,
     make_digits_folder,
     next_steps,
@@ -285,6 +289,58 @@ def test_model_card_snippets_run_as_written(environment, demo_run):
         run = run_python("-c", snippet, cwd=output_dir.parent, env=environment, separate_stderr=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() in {str(i) for i in range(10)}  # the second snippet prints a class name
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_ends_training_with_the_checkpoint_to_resume(environment, digits, tmp_path):
+    """SIGINT once step_1 is saved (its step 2 is logged after it): one line naming the newest complete checkpoint
+    and the flag that resumes it, exit status 130, no traceback."""
+    output_dir = tmp_path / "out"
+    command = [sys.executable, str(REPO / "train_hf.py"), *map(str, small_run(digits, output_dir)),
+               "--max_train_steps", "2000", "--max_train_samples", "32", "--max_eval_samples", "8",
+               "--eval_steps", "1", "--checkpointing_steps", "1"]
+    with subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        try:
+            lines = []
+            for line in process.stdout:  # \r (progress bars) ends a line too
+                lines.append(line)
+                if "step 2: train_loss" in line:
+                    process.send_signal(signal.SIGINT)
+                    break
+            lines += process.stdout.readlines()
+            process.wait(timeout=60)
+        finally:
+            process.kill()
+    output = "".join(lines)
+    assert process.returncode == 130 and "Traceback" not in output, output[-3000:]
+    written = {folder.parent: json.loads(folder.read_text())["completed_steps"]
+               for folder in output_dir.glob("*/training_progress.json")}
+    newest = max(written, key=written.get)
+    assert written[newest] >= 1
+    assert output.rstrip().splitlines()[-1] == (
+        f"Interrupted. The last checkpoint is {newest} (step {written[newest]}): go on from it with the same flags and "
+        f"--resume_from_checkpoint {newest}")
+
+
+def test_ctrl_c_before_any_checkpoint_says_a_rerun_starts_afresh(tmp_path):
+    output_dir = tmp_path / "out"
+    none = interrupted_message(argparse.Namespace(output_dir=output_dir, resume_from_checkpoint=None,
+                                                  checkpointing_steps=None))
+    assert none.startswith("Interrupted before any checkpoint was written, so a rerun starts from step 0")
+    assert "--checkpointing_steps N (or epoch)" in none
+    not_yet = interrupted_message(argparse.Namespace(output_dir=output_dir, resume_from_checkpoint=None,
+                                                     checkpointing_steps=50))
+    assert "before the first checkpoint (--checkpointing_steps 50)" in not_yet
+    # A run resumed from a checkpoint elsewhere that wrote none of its own: the checkpoint it started from.
+    elsewhere = tmp_path / "before" / "step_7"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "training_progress.json").write_text(json.dumps({"completed_steps": 7}))
+    resumed = interrupted_message(argparse.Namespace(output_dir=output_dir, resume_from_checkpoint=str(elsewhere),
+                                                     checkpointing_steps=None))
+    assert resumed.endswith(f"(step 7): go on from it with the same flags and --resume_from_checkpoint {elsewhere}")
 
 
 # ---- clear errors -----------------------------------------------------------------------------------------------
