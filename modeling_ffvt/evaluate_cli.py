@@ -164,14 +164,9 @@ def main(argv=None):
         except OSError as error:
             raise SystemExit(str(error)) from None
     accelerator = Accelerator()
-    try:
-        split, split_name, processor, model, ranked = rank_split(args, accelerator)
-    finally:
-        # Each process leaves the process group before it exits, on every path: a process that exits with its gloo
-        # group alive (here the others, while the main one still writes the report) can abort in the group's teardown.
-        accelerator.end_training()
+    split, split_name, processor, model, ranked = rank_split(args, accelerator)
     if not accelerator.is_main_process:
-        return
+        return  # and leaves the process group (exits_on_input_error), while the main process writes
     rankings, references = ranked["rankings"], ranked["references"]
     scores = load_fgvc_accuracy(keep_in_memory=True).compute(predictions=rankings, references=references)
     top1 = [ranking[0] for ranking in rankings]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from datasets.data_files import DataFilesDict, get_data_patterns
 from huggingface_hub.repocard import metadata_load
@@ -75,7 +76,8 @@ def exits_on_input_error(main):
     error and exit status 1, without a traceback (what `SystemExit(message)` does). Ctrl-C (KeyboardInterrupt) ends
     it with one line and exit status 130, a shell's for a command SIGINT ended: the interrupt's own message, which a
     command raises to say what it saved and how to go on, or "Interrupted." A process of a multi-process launch
-    other than the first says nothing: each gets the Ctrl-C, and one line says it."""
+    other than the first says nothing: each gets the Ctrl-C, and one line says it. Every way out leaves the process
+    group, if one was started."""
 
     @functools.wraps(main)
     def command(*args, **kwargs):
@@ -85,6 +87,11 @@ def exits_on_input_error(main):
             raise SystemExit(str(error)) from None
         except KeyboardInterrupt as interrupt:
             message = str(interrupt) or "Interrupted."
+        finally:
+            # However the command ends, its process leaves the process group of a multi-process launch: a process that
+            # exits with its gloo group alive (done while another still writes) can abort in the group's teardown.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         # Printed once the interrupt and its frames are gone: a progress bar they held has closed its line.
         if os.environ.get("RANK", "0") == "0":  # set by accelerate launch and torchrun
             print(message, file=sys.stderr)
