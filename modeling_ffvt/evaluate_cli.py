@@ -32,6 +32,7 @@ from .inputs import (
     label_values,
     load_classifier,
     unknown_names_message,
+    whole_number,
 )
 from .report import check_report_folder, write_report
 from .splits import WHOLE_FOLDER, find_unreadable_rows, prepare_splits
@@ -49,8 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--split", help="The split to evaluate (default: test, else validation, else the only one).")
     parser.add_argument("--image_column_name", default="image")
     parser.add_argument("--label_column_name", default="label")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per batch and process.")
-    parser.add_argument("--confusions", type=int, default=10, help="How many confused class pairs to list.")
+    parser.add_argument("--batch_size", type=whole_number(1), default=32, help="Images per batch and process.")
+    parser.add_argument("--confusions", type=whole_number(0), default=10,
+                        help="How many confused class pairs to list (0: none).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument(
         "--report", metavar="OUT", help="Also write metrics.json, pictures and report.html into OUT, a new folder."

@@ -71,6 +71,22 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} {hint}\n")
 
 
+def whole_number(minimum: int):
+    """An argparse `type` for a flag that takes a whole number of at least `minimum`: anything else is a one-line
+    flag error (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"give a whole number of at least {minimum}, not {text!r}")
+        return value
+
+    return parse
+
+
 def exits_on_input_error(main):
     """Decorate a command's `main(argv=None)`: an InputError ends the command with its message alone on standard
     error and exit status 1, without a traceback (what `SystemExit(message)` does). Ctrl-C (KeyboardInterrupt) ends
@@ -549,16 +565,21 @@ def check_config_keys(values: dict, config_class, source: str, docs: str) -> Non
     check_config_types(values, config_class, source)
 
 
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+               dict: "an object ({...})"}
+# Keys every transformers configuration takes whose defaults do not show their type.
+_GENERAL_TYPES = {"num_labels": 2, "id2label": {}, "label2id": {}}
 
 
 def check_config_types(values: dict, config_class, source: str) -> None:
     """Raise InputError for a value of `values` whose type is not that of the key's default in `config_class` (a
-    whole number where a number is expected passes): transformers 5.0 takes `"num_hidden_layers": "x"` and fails
-    later with a TypeError that names no key, newer releases raise a multi-line validation error."""
-    defaults = config_class().to_dict()
+    whole number where a number is expected passes), or a size, count or stride below 1 where the default is at least
+    1 (patch_size 0, num_hidden_layers -1): transformers 5.0 takes `"num_hidden_layers": "x"` and fails later with a
+    TypeError that names no key, newer releases raise a multi-line validation error, and neither checks sizes."""
+    defaults = {**config_class().to_dict(), **_GENERAL_TYPES}
     for key, value in values.items():
-        expected = type(defaults.get(key))
+        default = defaults.get(key)
+        expected = type(default)
         if expected not in _TYPE_NAMES or value is None:
             continue
         fits = isinstance(value, (int, float) if expected is float else expected)
@@ -566,6 +587,8 @@ def check_config_types(values: dict, config_class, source: str) -> None:
             fits = False
         if not fits:
             raise InputError(f"{source}: {key} must be {_TYPE_NAMES[expected]}, not {json.dumps(value)}.")
+        if expected is int and default >= 1 and value < 1:
+            raise InputError(f"{source}: {key} must be at least 1, not {value}.")
 
 
 def model_load_error(name: str, error: Exception, flag: str = "--model") -> InputError:

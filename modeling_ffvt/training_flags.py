@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 
 from .checkpoints import PROGRESS_FILE, check_resume_flags, latest_checkpoint, method_flags, order_flags
@@ -142,11 +143,14 @@ def check_config_flag(config_name) -> None:
     not read (a misspelled one would be dropped silently). Raises InputError naming the flag: no such file or folder,
     JSON that does not parse, an unknown key, or the config's own error."""
     try:
-        inline = config_name.lstrip().startswith("{")
+        inline = config_name.lstrip().startswith(("{", "["))
         if not inline and not Path(config_name).exists():
             raise InputError(f"--config_name {config_name}: there is no such file or folder; give inline JSON (such "
                              "as '{\"num_hidden_layers\": 4}'), an FFVT config.json or its folder.")
         values = json.loads(config_name) if inline else FFVTConfig.get_config_dict(config_name)[0]
+        if not isinstance(values, dict):
+            raise InputError(f"--config_name {config_name}: give a JSON object of config keys, such as "
+                             "'{\"num_hidden_layers\": 4}'.")
         check_config_keys(values, FFVTConfig, f"--config_name {config_name}", "docs/training.md#from-scratch")
         if inline:
             FFVTConfig(**values)
@@ -159,6 +163,8 @@ def check_config_flag(config_name) -> None:
         raise
     except (OSError, ValueError, TypeError) as error:
         raise InputError(f"--config_name {config_name}: {first_line(error)}") from None
+    except StrictDataclassError as error:  # newer transformers validate types, e.g. a float key given 1 for 1.0
+        raise InputError(f"--config_name {config_name}: {' '.join(str(error).split())}") from None
 
 
 def check_baseline_start(model_name_or_path) -> None:

@@ -141,8 +141,15 @@ def test_classes_the_model_lacks_are_named(model_folder, digits_folder, tmp_path
         main(["--model", str(folder), "--data_dir", str(tmp_path)])
 
 
-def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path):
+def test_bad_data_is_a_clear_error(model_folder, digits_folder, tmp_path, capsys):
     _, folder = model_folder
+    # torch's traceback for 0; -1 confusions listed all pairs but the last, as a Python slice.
+    for flag, value, least in (("--batch_size", "0", 1), ("--confusions", "-1", 0)):
+        with pytest.raises(SystemExit) as exit:
+            main(["--model", str(folder), "--data_dir", str(digits_folder), flag, value])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err == (f"ffvt-evaluate: error: argument {flag}: give a whole number of at least "
+                                           f"{least}, not '{value}' (see ffvt-evaluate --help)\n")
     with pytest.raises(SystemExit, match="is not a folder"):
         main(["--model", str(folder), "--data_dir", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match=r"--split validation: .* has no such split, only \['test', 'train'\]"):

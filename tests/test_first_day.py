@@ -54,12 +54,21 @@ def vit_folder(folder, patch_size=8):
         (["--image_size", 64, "--num_token", 66], "--num_token 66: give 1 to 65,"),
         (["--config_name", "{'hidden_size': 32}"], "--config_name: not valid JSON (Expecting property name"),
         (["--config_name", "nowhere/config.json"], "--config_name nowhere/config.json: there is no such file"),
-        (["--config_name", '{"num_token": 0}'], '--config_name {"num_token": 0}: num_token=0 must lie between 1 and'),
+        (["--config_name", '{"num_token": 0}'], '--config_name {"num_token": 0}: num_token must be at least 1, not 0.'),
+        (["--config_name", '{"num_token": 5000}'], '{"num_token": 5000}: num_token=5000 must lie between 1'),
         # transformers 5.0 fails later with a TypeError naming no key, 5.25 with a multi-line validation error.
         (["--config_name", '{"num_hidden_layers": "x"}'],
          '--config_name {"num_hidden_layers": "x"}: num_hidden_layers must be a whole number, not "x".'),
         (["--config_name", '{"hidden_dropout_prob": true}'],
          '--config_name {"hidden_dropout_prob": true}: hidden_dropout_prob must be a number, not true.'),
+        # A traceback each before: transformers' AttributeError, a ZeroDivisionError, a misleading "no such file".
+        (["--config_name", '{"id2label": 5}'], "--config_name {\"id2label\": 5}: id2label must be an object ({...})"),
+        (["--config_name", '{"patch_size": 0}'], "--config_name {\"patch_size\": 0}: patch_size must be at least 1"),
+        (["--config_name", '{"num_labels": "3"}'],
+         '--config_name {"num_labels": "3"}: num_labels must be a whole number, not "3".'),
+        (["--config_name", '{"feature_fusion": false, "num_hidden_layers": -1}'],
+         "num_hidden_layers must be at least 1, not -1."),
+        (["--config_name", "[1, 2]"], "--config_name [1, 2]: give a JSON object of config keys"),
         (["--vit_npz", "ViT-B_16.npz"], "--vit_npz ViT-B_16.npz: there is no such file"),
     ],
 )
