@@ -258,8 +258,10 @@ def train_runs(runs, launch, script, flags, progress_file) -> None:
         try:
             returncode = run_to_its_end(command)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"Interrupted {run.name}: rerun the same ffvt-compare command to go on (finished "
-                                    "runs are kept, and a run with a checkpoint resumes from it).") from None
+            # The run has said where it stopped and how to resume it alone; the comparison resumes it itself.
+            raise KeyboardInterrupt(f"Interrupted during {run.name}: to go on, rerun the same ffvt-compare command "
+                                    "rather than the resume the run suggests above (finished runs are kept, and a run "
+                                    "with a checkpoint resumes from it).") from None
         except OSError as error:
             raise InputError(f"--launch: cannot start {shlex.join(command[:2])} ({error}); give a command that runs "
                              "a Python script, such as \"accelerate launch\".") from None

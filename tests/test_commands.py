@@ -136,8 +136,8 @@ INTERRUPTIONS = [
     ("ffvt-demo", ["--model", "m"], "threading", "Stopped the demo server."),
     ("ffvt-compare", ["--output_dir", "{tmp}/compare", "--", "--demo", "--demo_data_dir", "{tmp}/digits",
                       "--config_name", SMALL_MODEL], "run_to_its_end",
-     "Interrupted seed 0, fusion on: rerun the same ffvt-compare command to go on (finished runs are kept, and a run "
-     "with a checkpoint resumes from it)."),
+     "Interrupted during seed 0, fusion on: to go on, rerun the same ffvt-compare command rather than the resume the "
+     "run suggests above (finished runs are kept, and a run with a checkpoint resumes from it)."),
     ("conversion/convert_original_ffvt_to_hf.py", ["--checkpoint_path", "c.bin", "--pytorch_dump_folder_path", "out"],
      "convert_original_checkpoint", "Interrupted."),
     ("conversion/convert_vit_npz_to_hf.py", ["--npz_path", "v.npz", "--pytorch_dump_folder_path", "out",
