@@ -62,7 +62,7 @@ FLAG_ERRORS = [
      "argument --learning_rate: invalid float value: 'x'"),
     ("ffvt-predict", ["a.png", "--model", "m", "--top_k", "x"], "argument --top_k: invalid int value: 'x'"),
     ("ffvt-evaluate", ["--model", "m", "--data_dir", "d", "--batch_size", "x"],
-     "argument --batch_size: invalid int value: 'x'"),
+     "argument --batch_size: give a whole number of at least 1, not 'x'"),
     ("ffvt-export-onnx", ["--model", "m", "--output", "m.onnx", "--opset", "x"],
      "argument --opset: invalid int value: 'x'"),
     ("ffvt-demo", ["--model", "m", "--port", "x"], "argument --port: invalid int value: 'x'"),
